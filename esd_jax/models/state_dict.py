@@ -1,0 +1,79 @@
+"""Flat state dicts: the bridge between NNX modules and checkpoint files.
+
+A parameter's key is its NNX path joined by '.', which by construction (see layers.py) is the
+diffusers/transformers state-dict key. Loading fills an abstract module (built with `nnx.eval_shape`, so
+no memory is spent on initial values) tensor by tensor, each placed straight on its device or sharding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+
+def key_of(path: Iterable[Any]) -> str:
+  return '.'.join(str(p) for p in path)
+
+
+def param_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
+  """Key → shape of every parameter (works on abstract modules too)."""
+  return {key_of(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def state_dict(module: nnx.Module) -> dict[str, jax.Array]:
+  """Key → array of every parameter, in the checkpoint's names and layout."""
+  return {key_of(p): v[...] for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def abstract(build: Callable[[], nnx.Module]) -> nnx.Module:
+  """The module `build()` would return, with shapes only: no parameter memory is allocated."""
+  return nnx.eval_shape(build)
+
+
+def load_state_dict(module: nnx.Module, tensors: Mapping[str, Any], *, source: str = 'state dict',
+                    sharding: Callable[[str, tuple[int, ...]], Any] | None = None,
+                    strict: bool = True) -> nnx.Module:
+  """Fills `module` (abstract or concrete) from `tensors`, in place, and returns it.
+
+  `tensors` maps keys to arrays, or to zero-argument callables returning one (lazy readers, so a large
+  file is never held twice). Each tensor is checked for shape, converted to the parameter's dtype and put
+  with `jax.device_put` on `sharding(key, shape)` (default device when None). With `strict`, missing and
+  unexpected keys are errors that name `source`.
+  """
+  state = nnx.state(module, nnx.Param)
+  flat = nnx.to_flat_state(state)
+  expected = {key_of(p) for p, _ in flat}
+  missing = sorted(expected - set(tensors))
+  unexpected = sorted(set(tensors) - expected)
+  if strict and (missing or unexpected):
+    raise KeyError(_mismatch_message(source, missing, unexpected))
+  for path, var in flat:
+    key = key_of(path)
+    if key not in tensors:
+      continue
+    value = tensors[key]
+    value = np.asarray(value() if callable(value) else value)
+    if tuple(value.shape) != tuple(var.shape):
+      raise ValueError(f'{source}: tensor {key!r} has shape {tuple(value.shape)}, but the model built '
+                       f'from its config expects {tuple(var.shape)}. The weights and config.json do not '
+                       'belong together.')
+    value = value.astype(var.dtype, copy=False)
+    var.set_value(jax.device_put(value, sharding(key, value.shape) if sharding else None))
+  nnx.update(module, state)
+  return module
+
+
+def _mismatch_message(source: str, missing: list[str], unexpected: list[str]) -> str:
+  def show(keys):
+    return ', '.join(keys[:8]) + (f' … ({len(keys)} in all)' if len(keys) > 8 else '')
+  parts = [f'{source}: the tensors do not match the model built from its config.']
+  if missing:
+    parts.append(f'Missing: {show(missing)}.')
+  if unexpected:
+    parts.append(f'Unexpected: {show(unexpected)}.')
+  parts.append('Check that the weights and config.json come from the same model.')
+  return ' '.join(parts)

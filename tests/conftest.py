@@ -1,0 +1,5 @@
+import os
+
+# Parity needs exact fp32 matmuls; keep the CPU default precision and run on CPU even where a GPU exists.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')
