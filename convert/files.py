@@ -1,0 +1,162 @@
+"""Safe file plumbing for every converter: atomic writes and streaming safetensors I/O.
+
+Nothing is ever half-written: outputs go to a temporary name in the target's folder and are renamed into
+place only when complete (a rename within one filesystem is atomic). safetensors files are written one
+tensor at a time, so exporting an 860M-parameter UNet never needs a second full copy in host memory, and
+read lazily through `safe_open`, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+_DTYPES = {
+    np.dtype(np.float64): 'F64', np.dtype(np.float32): 'F32', np.dtype(np.float16): 'F16',
+    np.dtype(ml_dtypes.bfloat16): 'BF16', np.dtype(np.int64): 'I64', np.dtype(np.int32): 'I32',
+    np.dtype(np.int16): 'I16', np.dtype(np.int8): 'I8', np.dtype(np.uint8): 'U8', np.dtype(np.bool_): 'BOOL',
+}
+
+DTYPES = {'fp32': np.float32, 'float32': np.float32, 'fp16': np.float16, 'float16': np.float16,
+          'bf16': ml_dtypes.bfloat16, 'bfloat16': ml_dtypes.bfloat16}
+
+
+def np_dtype(name: str | None):
+  """numpy dtype for an export dtype name (None keeps each tensor's own dtype)."""
+  if name is None:
+    return None
+  if name not in DTYPES:
+    raise ValueError(f'Unknown dtype {name!r}; choose one of {sorted(set(DTYPES))}.')
+  return DTYPES[name]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+  """Yields a temporary sibling of `path` to write to; renames it over `path` on success.
+
+  Works for files and directories. On any error the temporary is removed and `path` is untouched.
+  """
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent))
+  target = tmp / path.name  # a fresh name inside the temp dir: the caller may create a file or a folder
+  try:
+    yield target
+    _fsync(target)
+    if path.is_dir() and not path.is_symlink():
+      old = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', suffix='.old', dir=path.parent))
+      os.replace(path, old / path.name)  # a folder cannot be renamed over another: move the old one aside
+      os.replace(target, path)
+      shutil.rmtree(old)
+    else:
+      os.replace(target, path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+  for p in [path] if path.is_file() else [q for q in path.rglob('*') if q.is_file()]:
+    with open(p, 'rb') as f:
+      os.fsync(f.fileno())
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  with atomic_path(path) as tmp:
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n')
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], *,
+                      metadata: Mapping[str, str] | None = None, dtype=None) -> None:
+  """Writes `tensors` (key → numpy or device array) as a .safetensors file, one tensor at a time.
+
+  Floating tensors are converted to `dtype` (None keeps each tensor's own). Device arrays are copied to
+  host one at a time, so the file is never held twice in memory.
+  """
+  def target(arr) -> np.dtype:
+    dt = np.dtype(arr.dtype)
+    floating = np.issubdtype(dt, np.floating) or dt == ml_dtypes.bfloat16
+    dt = np.dtype(dtype) if dtype is not None and floating else dt
+    if dt not in _DTYPES:
+      raise TypeError(f'{path}: cannot write tensor of dtype {dt} to safetensors.')
+    return dt
+
+  header, offset, keys = {}, 0, sorted(tensors)
+  for key in keys:
+    dt, shape = target(tensors[key]), tuple(tensors[key].shape)
+    size = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    header[key] = {'dtype': _DTYPES[dt], 'shape': list(shape), 'data_offsets': [offset, offset + size]}
+    offset += size
+  if metadata:
+    header['__metadata__'] = {str(k): str(v) for k, v in metadata.items()}
+  blob = json.dumps(header, separators=(',', ':')).encode()
+  blob += b' ' * (-len(blob) % 8)  # the format aligns the data section to 8 bytes
+  with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+    f.write(struct.pack('<Q', len(blob)))
+    f.write(blob)
+    for key in keys:
+      arr = np.asarray(tensors[key])
+      f.write(np.ascontiguousarray(arr.astype(target(arr), copy=False)).tobytes())
+
+
+class SafetensorsReader(Mapping):
+  """Lazy, read-only view of one or more .safetensors files: key → zero-argument callable → np.ndarray.
+
+  Opening checks each file's header (missing, not safetensors, truncated → an error naming the file).
+  Use as a context manager so the files are closed after loading.
+  """
+
+  def __init__(self, paths: list[str | os.PathLike] | str | os.PathLike):
+    paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+    self._stack = contextlib.ExitStack()
+    self._where: dict[str, Any] = {}
+    self.metadata: dict[str, str] = {}
+    for path in paths:
+      path = Path(path)
+      if not path.is_file():
+        raise FileNotFoundError(f'{path}: weights file not found.')
+      try:
+        handle = self._stack.enter_context(safe_open(str(path), framework='np'))
+      except (SafetensorError, OSError) as e:
+        self._stack.close()
+        raise ValueError(f'{path}: not a readable safetensors file ({e}). The file is corrupt or truncated '
+                         '(an interrupted download or copy?): fetch or export it again.') from e
+      self.metadata.update(handle.metadata() or {})
+      for key in handle.keys():
+        self._where[key] = (path, handle)
+
+  def __getitem__(self, key: str) -> Callable[[], np.ndarray]:
+    path, handle = self._where[key]
+
+    def load():
+      try:
+        return handle.get_tensor(key)
+      except SafetensorError as e:
+        raise ValueError(f'{path}: cannot read tensor {key!r} ({e}); the file is corrupt.') from e
+    return load
+
+  def __iter__(self):
+    return iter(self._where)
+
+  def __len__(self):
+    return len(self._where)
+
+  def close(self):
+    self._stack.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+

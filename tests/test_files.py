@@ -1,0 +1,80 @@
+"""Atomic writes and streaming safetensors I/O."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file as torch_load_file
+
+from convert.files import SafetensorsReader, atomic_path, np_dtype, write_safetensors
+
+
+def _tensors():
+  rng = np.random.default_rng(0)
+  return {'w': rng.standard_normal((3, 5)).astype(np.float32), 'b': rng.standard_normal(7).astype(ml_dtypes.bfloat16),
+          'ids': np.arange(4, dtype=np.int64), 'h': rng.standard_normal((2, 2)).astype(np.float16)}
+
+
+def test_written_file_reads_back_exactly_in_torch_and_ours(tmp_path):
+  tensors = _tensors()
+  write_safetensors(tmp_path / 'x.safetensors', tensors, metadata={'format': 'pt'})
+  ref = torch_load_file(tmp_path / 'x.safetensors')
+  assert ref['b'].dtype == torch.bfloat16 and ref['h'].dtype == torch.float16
+  assert np.array_equal(ref['w'].numpy(), tensors['w'])
+  with SafetensorsReader(tmp_path / 'x.safetensors') as reader:
+    assert reader.metadata == {'format': 'pt'}
+    assert set(reader) == set(tensors)
+    for k, v in tensors.items():
+      assert reader[k]().dtype == v.dtype and np.array_equal(reader[k]().view(np.uint8), v.view(np.uint8))
+
+
+@pytest.mark.parametrize('name', ['fp16', 'bf16', 'fp32'])
+def test_dtype_conversion_touches_only_floats(tmp_path, name):
+  write_safetensors(tmp_path / 'x.safetensors', _tensors(), dtype=np_dtype(name))
+  with SafetensorsReader(tmp_path / 'x.safetensors') as reader:
+    assert reader['ids']().dtype == np.int64
+    assert {reader[k]().dtype for k in ('w', 'b', 'h')} == {np.dtype(np_dtype(name))}
+
+
+def test_unknown_dtype_name():
+  with pytest.raises(ValueError, match="Unknown dtype 'fp8'"):
+    np_dtype('fp8')
+
+
+def test_truncated_and_garbage_files_name_the_file(tmp_path):
+  write_safetensors(tmp_path / 'x.safetensors', _tensors())
+  data = (tmp_path / 'x.safetensors').read_bytes()
+  (tmp_path / 'cut.safetensors').write_bytes(data[:-10])
+  (tmp_path / 'junk.safetensors').write_bytes(b'not a safetensors file at all')
+  for name in ('cut', 'junk'):
+    with pytest.raises(ValueError, match=f'{name}.safetensors: not a readable safetensors file'):
+      SafetensorsReader(tmp_path / f'{name}.safetensors')
+  with pytest.raises(FileNotFoundError, match='missing.safetensors: weights file not found'):
+    SafetensorsReader(tmp_path / 'missing.safetensors')
+
+
+def test_failed_write_leaves_nothing_and_keeps_the_old_file(tmp_path):
+  write_safetensors(tmp_path / 'x.safetensors', {'a': np.ones(2, np.float32)})
+  before = (tmp_path / 'x.safetensors').read_bytes()
+  with pytest.raises(TypeError, match='cannot write tensor of dtype'):
+    write_safetensors(tmp_path / 'x.safetensors', {'a': np.ones(2, np.float32), 'z': np.array(['s'])})
+  assert (tmp_path / 'x.safetensors').read_bytes() == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['x.safetensors']
+
+
+def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
+  out = tmp_path / 'pipe'
+  with atomic_path(out) as tmp:
+    tmp.mkdir()
+    (tmp / 'a.txt').write_text('one')
+  with pytest.raises(RuntimeError):
+    with atomic_path(out) as tmp:
+      tmp.mkdir()
+      (tmp / 'b.txt').write_text('two')
+      raise RuntimeError('interrupted')
+  assert [p.name for p in out.iterdir()] == ['a.txt']
+  with atomic_path(out) as tmp:
+    tmp.mkdir()
+    (tmp / 'b.txt').write_text('two')
+  assert [p.name for p in out.iterdir()] == ['b.txt']
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['pipe']
