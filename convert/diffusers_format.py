@@ -17,8 +17,8 @@ from typing import Any
 
 from flax import nnx
 
-from convert.files import SafetensorsReader, atomic_path, np_dtype, write_json, write_safetensors
-from esd_jax.models import build_abstract
+from convert.files import SafetensorsReader, atomic_path, np_dtype, write_safetensors
+from esd_jax.models import build_abstract, clip
 from esd_jax.models.state_dict import load_state_dict, state_dict
 from esd_jax.pipeline import StableDiffusion
 
@@ -79,6 +79,8 @@ def load_component(folder: str | os.PathLike, *, variant: str | None = None,
   config = read_json(folder / 'config.json')
   module = build_abstract(config, source=str(folder / 'config.json'))
   with SafetensorsReader(weight_files(folder, variant)) as tensors:
+    if type(module).__name__ in _TRANSFORMERS:  # transformers' files spell CLIP keys more than one way
+      tensors = clip.canonical_keys(tensors)
     load_state_dict(module, tensors, source=str(folder), sharding=sharding)
   return module
 

@@ -28,8 +28,27 @@ class ConfigError(ValueError):
   pass
 
 
+class FrozenConfig(dict):
+  """A read-only, hashable config dict (nested lists frozen to tuples).
+
+  Models keep their config as static NNX data, so it ends up in the module's GraphDef, which must be
+  hashable to serve as a static argument of `jax.jit`. Still a dict, so `json.dumps` writes it as one.
+  """
+
+  def __init__(self, items: Mapping[str, Any]):
+    super().__init__({k: _freeze(v) for k, v in items.items()})
+
+  def __hash__(self):
+    return hash(tuple(sorted(self.items(), key=lambda kv: kv[0])))
+
+  def _read_only(self, *args, **kwargs):
+    raise TypeError('A model config is read-only; build a new model from a changed dict instead.')
+
+  __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _read_only
+
+
 def read_config(name: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
-                supported: Mapping[str, Any] | None = None, *, source: str = 'config.json') -> dict[str, Any]:
+                supported: Mapping[str, Any] | None = None, *, source: str = 'config.json') -> FrozenConfig:
   """Returns `defaults` overridden by `config`, after checking every field.
 
   `supported[field]` is either a collection of allowed values or a predicate on the value.
@@ -46,8 +65,10 @@ def read_config(name: str, config: Mapping[str, Any], defaults: Mapping[str, Any
     if not ok:
       hint = '' if callable(allowed) else f' Supported: {list(allowed)}.'
       raise ConfigError(f'{source}: {name}.{field} = {value!r} is not supported by esd-jax.{hint}')
-  return out
+  return FrozenConfig(out)
 
 
 def _freeze(value):
+  if isinstance(value, Mapping):
+    return FrozenConfig(value)
   return tuple(_freeze(v) for v in value) if isinstance(value, list | tuple) else value

@@ -1,0 +1,132 @@
+"""Text-to-image: classifier-free guided sampling and VAE decoding, the whole loop under one `jit`.
+
+Follows diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline step for step, so that from the same
+initial latents our images match theirs. Latents and images are NHWC; images are floats in [0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from esd_jax.pipeline import StableDiffusion
+from esd_jax.schedulers import make_scheduler
+from esd_jax.tokenizer import tokenize
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditioning:
+  """What the UNet is conditioned on: text context, plus SDXL's pooled text embeds and time ids."""
+
+  context: jax.Array
+  text_embeds: jax.Array | None = None
+  time_ids: jax.Array | None = None
+
+  def added_cond_kwargs(self):
+    return None if self.text_embeds is None else {'text_embeds': self.text_embeds, 'time_ids': self.time_ids}
+
+
+jax.tree_util.register_dataclass(Conditioning, data_fields=['context', 'text_embeds', 'time_ids'], meta_fields=[])
+
+
+def latent_size(pipe: StableDiffusion, height: int | None, width: int | None) -> tuple[int, int]:
+  """Latent (h, w) for an image size; the UNet's native size when not given (as diffusers)."""
+  factor = 2 ** (len(pipe.vae.config['block_out_channels']) - 1)
+  native = pipe.unet.config['sample_size'] * factor
+  height, width = height or native, width or native
+  if height % factor or width % factor:
+    raise ValueError(f'Image size {height}×{width} must be a multiple of the VAE downsampling factor {factor}.')
+  return height // factor, width // factor
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef',))
+def _encode(graphdef, params, input_ids):
+  return nnx.merge(graphdef, params)(input_ids)
+
+
+def _run_text_encoder(module: nnx.Module, ids: np.ndarray):
+  graphdef, params = nnx.split(module)
+  return _encode(graphdef, params, jnp.asarray(ids, jnp.int32))
+
+
+def encode_prompts(pipe: StableDiffusion, prompts: Sequence[str], *, height: int | None = None,
+                   width: int | None = None, zeros: bool = False) -> Conditioning:
+  """Text conditioning for `prompts`, as diffusers encodes it.
+
+  SD 1.x/2.x: the text encoder's last hidden state (after the final layer norm). SDXL: both encoders'
+  penultimate hidden states, concatenated, the second encoder's projected pooled output, and the size/crop
+  time ids. With `zeros`, all-zero embeddings (SDXL's negative prompt under force_zeros_for_empty_prompt).
+  """
+  prompts = list(prompts)
+  out = _run_text_encoder(pipe.text_encoder, tokenize(pipe.tokenizer, prompts))
+  if not pipe.is_sdxl:
+    context = out.last_hidden_state
+    return Conditioning(jnp.zeros_like(context) if zeros else context)
+  out_2 = _run_text_encoder(pipe.text_encoder_2, tokenize(pipe.tokenizer_2, prompts))
+  context = jnp.concatenate([out.hidden_states[-2], out_2.hidden_states[-2]], axis=-1)
+  pooled = out_2.text_embeds
+  h, w = latent_size(pipe, height, width)
+  factor = 2 ** (len(pipe.vae.config['block_out_channels']) - 1)
+  size = [h * factor, w * factor]
+  time_ids = jnp.tile(jnp.asarray([size + [0, 0] + size], jnp.float32), (len(prompts), 1))
+  if zeros:
+    context, pooled = jnp.zeros_like(context), jnp.zeros_like(pooled)
+  return Conditioning(context, pooled, time_ids)
+
+
+def _cast(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+@functools.partial(jax.jit, static_argnames=('unet_def', 'vae_def', 'scheduler', 'steps', 'dtype'))
+def _sample(unet_def, unet_params, vae_def, vae_params, scheduler, steps, latents, cond, uncond, guidance,
+            eta, key, dtype):
+  unet = nnx.merge(unet_def, _cast(unet_params, dtype))
+  both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]).astype(dtype), uncond, cond)
+
+  def model_fn(x, t):
+    pred = unet(jnp.concatenate([x, x]).astype(dtype), t, both.context, both.added_cond_kwargs())
+    pred_uncond, pred_cond = jnp.split(pred.astype(jnp.float32), 2)
+    return pred_uncond + guidance * (pred_cond - pred_uncond)
+
+  kwargs = {'key': key, 'eta': eta} if key is not None else {}
+  latents, _ = scheduler.denoise(model_fn, latents, steps, **kwargs)
+  vae = nnx.merge(vae_def, _cast(vae_params, dtype))
+  images = vae.decode((latents / vae.config['scaling_factor']).astype(dtype)).astype(jnp.float32)
+  return jnp.clip(images / 2 + 0.5, 0.0, 1.0), latents
+
+
+def text_to_image(pipe: StableDiffusion, prompts: Sequence[str], *, negative_prompt: str | None = '',
+                  guidance_scale: float = 7.5, num_inference_steps: int = 50, seed: int = 0,
+                  height: int | None = None, width: int | None = None, latents: jax.Array | None = None,
+                  scheduler: str | None = 'ddim', eta: float = 0.0, dtype=jnp.float32):
+  """Images (B, H, W, 3) in [0, 1] and final latents for `prompts`.
+
+  `latents` (B, h, w, C) are the initial noise; drawn from `seed` when None. `scheduler` is 'ddim', 'pndm'
+  or None (the pipeline's own scheduler class), always on the pipeline's noise schedule. A negative prompt
+  of None gives SDXL's zero embeddings (SD: the empty prompt). Guidance ≤ 1 still runs the unconditional
+  branch (weight 0), so outputs match diffusers for every scale > 1.
+  """
+  prompts = list(prompts)
+  if not prompts:
+    raise ValueError('text_to_image: no prompts given.')
+  sched = make_scheduler(pipe.scheduler_config, scheduler)
+  h, w = latent_size(pipe, height, width)
+  key, noise_key = jax.random.split(jax.random.key(seed))
+  if latents is None:
+    shape = (len(prompts), h, w, pipe.unet.config['in_channels'])
+    latents = jax.random.normal(noise_key, shape, jnp.float32) * sched.init_noise_sigma
+  cond = encode_prompts(pipe, prompts, height=height, width=width)
+  uncond = encode_prompts(pipe, [negative_prompt or ''] * len(prompts), height=height, width=width,
+                          zeros=negative_prompt is None and pipe.is_sdxl)
+  unet_def, unet_params = nnx.split(pipe.unet)
+  vae_def, vae_params = nnx.split(pipe.vae)
+  return _sample(unet_def, unet_params, vae_def, vae_params, sched, num_inference_steps,
+                 jnp.asarray(latents, jnp.float32), cond, uncond, jnp.float32(guidance_scale),
+                 jnp.float32(eta), key if eta else None, dtype)
