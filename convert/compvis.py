@@ -1,0 +1,818 @@
+"""CompVis (ldm) single-file checkpoints ⇄ diffusers/transformers state dicts, as pure key transforms.
+
+A1111 and ComfyUI load Stable Diffusion as one file in the CompVis layout: the UNet under
+`model.diffusion_model.`, the VAE under `first_stage_model.`, the text encoder under `cond_stage_model.`
+(SD1: OpenAI CLIP-L at `transformer.text_model.*`; SD2: OpenCLIP ViT-H at `model.*`, with q/k/v fused
+into `attn.in_proj_weight`). Our models use the diffusers/transformers names.
+
+One description, both directions. Each component is described by a list of `_Link`s built from its
+config (or, for a file without our configs, from the CompVis keys themselves): a link pairs a module
+prefix on each side (everything below it keeps its name), or an exact key on each side (with an array
+transform per direction: 1×1 conv ⇄ linear, transpose), or three diffusers keys with the one CompVis key
+they are fused into. `_convert` applies the same links either way, so the two directions cannot drift.
+
+Key conventions of the per-component functions (the whole-file functions add/strip the prefixes):
+  UNet:         CompVis keys without `model.diffusion_model.`;
+  VAE:          CompVis keys without `first_stage_model.`;
+  text encoder: CompVis keys without `cond_stage_model.` (so SD1 keys start `transformer.`, SD2 `model.`);
+                transformers keys as SD checkpoints (and esd_jax.models.clip) spell them:
+                `text_model.{embeddings,encoder,final_layer_norm}.*`, plus `text_projection.weight` for
+                CLIPTextModelWithProjection. Keys without `text_model.` (as transformers 5 saves a
+                CLIPTextModel it built itself) are accepted as input.
+Values may be arrays or zero-argument callables returning one (lazy tensors); renames pass them through
+untouched and transforms stay lazy, so a whole file is never held twice in memory.
+
+What the file has and our models lack travels as `extras` (full CompVis keys → tensors), which
+`write_single_file` re-emits, so reading and writing a file loses nothing:
+  * SD2: diffusers' text encoder has 23 layers where the file's OpenCLIP has 24 (SD2 conditions on the
+    penultimate layer, and diffusers drops the last one); the last resblock, `text_projection` and
+    `logit_scale` are extras. Without a stored config, the text encoder read from an OpenCLIP file has
+    one layer fewer than a complete tower (one with `text_projection`), as diffusers does; a file
+    converted from diffusers (23 layers, no projection) keeps all its layers. A text encoder written
+    without those extras yields such a file.
+  * SD1: `transformer.text_model.embeddings.position_ids` (a buffer, not a parameter).
+  * Everything outside the three component prefixes (`alphas_cumprod`, `betas`, `model_ema.*`, ...).
+    Note that `model_ema.*` are the EMA weights of the UNet as it was read: drop them from the extras
+    when writing a modified UNet if a consumer might prefer them.
+
+Files we write also store the diffusers configs (unet, vae, text_encoder, scheduler) as JSON in the
+safetensors `__metadata__` under CONFIG_METADATA_KEY ('esd_jax.configs'), so they read back exactly;
+for other files `infer_configs` derives SD1/SD2 configs from the tensor shapes.
+
+Supported layouts: UNets of CrossAttnDownBlock2D/DownBlock2D and CrossAttnUpBlock2D/UpBlock2D blocks
+with a UNetMidBlock2DCrossAttn (SD1 conv proj_in/out, SD2 linear), any number of blocks, layers per
+block (int or per-block list) and transformer layers; SDXL's `label_emb.0.{0,2}` ⇄
+`add_embedding.linear_{1,2}` (and `class_embedding` for class_embed_type projection/timestep or
+num_class_embeds). AutoencoderKL VAEs of any depth. Whole SDXL single files (`conditioner.*`) are
+rejected: their two text encoders are not mapped here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import struct
+import zipfile
+from collections import defaultdict
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from convert import files
+
+UNET_PREFIX = 'model.diffusion_model.'
+VAE_PREFIX = 'first_stage_model.'
+TEXT_PREFIX = 'cond_stage_model.'
+# safetensors `__metadata__` entry holding our diffusers configs as JSON:
+# {"unet": {...}, "vae": {...}, "text_encoder": {...}, "scheduler": {...}}.
+CONFIG_METADATA_KEY = 'esd_jax.configs'
+
+_DIFFUSERS, _COMPVIS = 0, 1
+_TORCH_SUFFIXES = ('.ckpt', '.pt', '.pth', '.bin')
+_V_PREDICTION_HINT = ("SD2's 768-px models (stable-diffusion-2, 2-1) are 'v_prediction'; the 512-px base "
+                      "models (2-base, 2-1-base) and SD1 are 'epsilon'")
+
+
+class LazyTensor:
+  """A tensor read on demand: calling it (or np.asarray) returns the array; `shape` and `dtype` are known
+  without reading it, so headers can be written and configs inferred before any data is loaded."""
+
+  __slots__ = ('shape', 'dtype', '_load')
+
+  def __init__(self, load: Callable[[], Any], shape: tuple[int, ...], dtype):
+    self._load = load
+    self.shape = tuple(shape)
+    self.dtype = np.dtype(dtype)
+
+  @classmethod
+  def of(cls, value) -> Any:
+    """`value` itself if it is an array or a LazyTensor; a plain zero-argument callable is read once to
+    learn its shape and dtype (and again when used)."""
+    if not callable(value) or isinstance(value, LazyTensor):
+      return value
+    probe = np.asarray(value())
+    return cls(value, probe.shape, probe.dtype)
+
+  def __call__(self) -> np.ndarray:
+    return np.asarray(self._load())
+
+  def __array__(self, dtype=None, copy=None):
+    array = self()
+    return array if dtype is None else array.astype(dtype, copy=False)
+
+  def __repr__(self):
+    return f'LazyTensor(shape={self.shape}, dtype={self.dtype})'
+
+
+# ----------------------------------------------------------------------------------------------------
+# The correspondence machinery.
+
+
+@dataclass(frozen=True)
+class _Op:
+  """An array transform, with the shape it produces so that lazy results know theirs unread."""
+  fn: Callable[..., np.ndarray]
+  shape: Callable[..., tuple[int, ...]]
+
+
+# [O, I, 1, 1] (or a legacy [O, I, 1]) ⇄ [O, I]; biases pass through. Indexed by destination side.
+_CONV1X1 = (_Op(lambda a: a.reshape(a.shape[:2]) if a.ndim > 2 else a, lambda s: s[:2]),
+            _Op(lambda a: a.reshape(*a.shape, 1, 1) if a.ndim == 2 else a,
+                lambda s: (*s, 1, 1) if len(s) == 2 else s))
+_TRANSPOSE = (_Op(lambda a: np.ascontiguousarray(a.T), lambda s: s[::-1]),) * 2
+_CONCAT = _Op(lambda *parts: np.concatenate(parts, axis=0),
+              lambda *shapes: (sum(s[0] for s in shapes), *shapes[0][1:]))
+
+
+def _part(i: int, n: int) -> _Op:
+  def take(a):
+    if a.shape[0] % n:
+      raise ValueError(f'cannot split a fused tensor of shape {a.shape} into {n} equal parts.')
+    step = a.shape[0] // n
+    return a[i * step:(i + 1) * step].copy()  # a copy, so the fused tensor is not kept alive by a view
+  return _Op(take, lambda s: (s[0] // n, *s[1:]))
+
+
+def _apply(op: _Op | None, *values):
+  """op(*arrays), deferred (a LazyTensor) when any value is lazy; None with one value is the identity."""
+  if op is None:
+    (value,) = values
+    return value
+  if not any(callable(v) for v in values):
+    return op.fn(*(np.asarray(v) for v in values))
+  values = [LazyTensor.of(v) for v in values]
+  shape = op.shape(*(tuple(v.shape) for v in values))
+  return LazyTensor(lambda: op.fn(*(np.asarray(v) for v in values)), shape, values[0].dtype)
+
+
+@dataclass(frozen=True)
+class _Link:
+  """One correspondence. `names[side]` holds one module prefix or exact key per side, or (fused) the
+  exact diffusers keys whose concatenation along axis 0 is the one CompVis key. `into[side]` is the
+  transform giving that side's layout (None: the same layout)."""
+  names: tuple[tuple[str, ...], tuple[str, ...]]
+  into: tuple[_Op | None, _Op | None] = (None, None)
+  optional: bool = False
+
+
+def _same(diffusers: str, compvis: str, *, into=(None, None), optional: bool = False) -> _Link:
+  return _Link(((diffusers,), (compvis,)), into, optional)
+
+
+def _fused(diffusers: tuple[str, ...], compvis: str) -> _Link:
+  return _Link((diffusers, (compvis,)))
+
+
+@dataclass(frozen=True)
+class _Plan:
+  links: list[_Link]
+  # CompVis keys (relative to the component prefix) that our models do not hold and that are returned as
+  # extras when reading; any other unmapped key is an error.
+  passthrough: Callable[[str], bool] = lambda key: False
+
+
+def _show(keys, n: int = 6) -> str:
+  keys = sorted(keys)
+  return ', '.join(keys[:n]) + (f' … ({len(keys)} in all)' if len(keys) > n else '')
+
+
+def _convert(sd: Mapping[str, Any], plan: _Plan, dst: int, source: str) -> tuple[dict, dict]:
+  """Renames/transforms `sd` (keys on side 1 - dst) to side `dst`. Returns (converted, passthrough)."""
+  src = 1 - dst
+  index = {name: link for link in plan.links for name in link.names[src]}
+  out, extras, unknown, seen = {}, {}, [], set()
+  gathered: dict[_Link, dict[str, Any]] = defaultdict(dict)
+
+  def put(key, value):
+    if key in out:
+      raise ValueError(f'{source}: two tensors map to {key!r}; the checkpoint has duplicate entries.')
+    out[key] = value
+
+  for key, value in sd.items():
+    parts = key.split('.')
+    for n in range(len(parts), 0, -1):
+      link = index.get('.'.join(parts[:n]))
+      if link is not None:
+        break
+    if link is None:
+      if dst == _DIFFUSERS and plan.passthrough(key):
+        extras[key] = value
+      else:
+        unknown.append(key)
+      continue
+    seen.add(link)
+    suffix = key[len('.'.join(parts[:n])):]
+    sources, targets = link.names[src], link.names[dst]
+    if len(sources) > 1:
+      gathered[link][key] = value
+    elif len(targets) > 1:
+      for i, target in enumerate(targets):
+        put(target + suffix, _apply(_part(i, len(targets)), value))
+    else:
+      put(targets[0] + suffix, _apply(link.into[dst], value))
+  for link, parts in gathered.items():
+    absent = [k for k in link.names[src] if k not in parts]
+    if absent:
+      raise KeyError(f'{source}: {", ".join(absent)} missing; it is needed to build {link.names[dst][0]}.')
+    put(link.names[dst][0], _apply(_CONCAT, *(parts[k] for k in link.names[src])))
+
+  side = 'CompVis' if src == _COMPVIS else 'diffusers'
+  if unknown:
+    raise KeyError(f'{source}: {len(unknown)} {side} key(s) have no counterpart in the model\'s layout: '
+                   f'{_show(unknown)}. The weights and the config do not belong together, or the model is '
+                   'not a supported Stable Diffusion 1/2 component.')
+  missing = [link.names[src][0] for link in plan.links if link not in seen and not link.optional]
+  if missing:
+    raise KeyError(f'{source}: no {side} tensors for {_show(missing)}, which the config describes. The '
+                   'weights and the config do not belong together.')
+  return out, extras
+
+
+def _indices(keys: Collection[str], prefix: str) -> list[int]:
+  """Sorted distinct integers i of keys `prefix.i.…`."""
+  found = set()
+  for key in keys:
+    if key.startswith(prefix + '.'):
+      head = key[len(prefix) + 1:].split('.', 1)[0]
+      if head.isdigit():
+        found.add(int(head))
+  return sorted(found)
+
+
+# ----------------------------------------------------------------------------------------------------
+# UNet.
+
+# ldm ResBlock submodules ⇄ diffusers ResnetBlock2D.
+_UNET_RESNET = (('norm1', 'in_layers.0'), ('conv1', 'in_layers.2'), ('time_emb_proj', 'emb_layers.1'),
+                ('norm2', 'out_layers.0'), ('conv2', 'out_layers.3'), ('conv_shortcut', 'skip_connection'))
+_DOWN_TYPES = {'CrossAttnDownBlock2D': True, 'DownBlock2D': False}  # → has attention
+_UP_TYPES = {'CrossAttnUpBlock2D': True, 'UpBlock2D': False}
+
+
+@dataclass(frozen=True)
+class _UNetLayout:
+  layers: tuple[int, ...]        # resnets per down block; up block i has layers[::-1][i] + 1
+  down_attn: tuple[bool, ...]
+  up_attn: tuple[bool, ...]      # in diffusers' up-block order (deepest first)
+  label_emb: str | None = None   # diffusers module fed by ldm `label_emb.0` (an MLP)
+  class_table: bool = False      # ldm `label_emb` is an Embedding (num_class_embeds)
+
+
+def _unet_layout_of_config(config: Mapping[str, Any], source: str) -> _UNetLayout:
+  down = list(config.get('down_block_types', ()))
+  up = list(config.get('up_block_types', ()))
+  bad = [t for t in down if t not in _DOWN_TYPES] + [t for t in up if t not in _UP_TYPES]
+  if bad or len(down) != len(up) or not down:
+    raise ValueError(f'{source}: the CompVis layout is mapped for UNets of {sorted(_DOWN_TYPES)} down and '
+                     f'{sorted(_UP_TYPES)} up blocks (as many of each); this config has {down} / {up}.')
+  if config.get('mid_block_type', 'UNetMidBlock2DCrossAttn') != 'UNetMidBlock2DCrossAttn':
+    raise ValueError(f'{source}: only UNetMidBlock2DCrossAttn middle blocks are mapped to the CompVis '
+                     f'layout, not {config.get("mid_block_type")!r}.')
+  lpb = config.get('layers_per_block', 2)
+  layers = (lpb,) * len(down) if isinstance(lpb, int) else tuple(lpb)
+  label_emb = ('add_embedding' if config.get('addition_embed_type') == 'text_time' else
+               'class_embedding' if config.get('class_embed_type') in ('projection', 'timestep') else None)
+  return _UNetLayout(layers, tuple(_DOWN_TYPES[t] for t in down), tuple(_UP_TYPES[t] for t in up), label_emb,
+                     config.get('num_class_embeds') is not None)
+
+
+def _unet_layout_of_keys(keys: Collection[str]) -> _UNetLayout:
+  """The layout a CompVis UNet's keys show: blocks end at a downsampler (`input_blocks.k.0.op`)."""
+  keys = set(keys)
+  layers, down_attn, count, attn = [], [], 0, False
+  for k in _indices(keys, 'input_blocks')[1:]:
+    if f'input_blocks.{k}.0.op.weight' in keys:
+      layers.append(count)
+      down_attn.append(attn)
+      count, attn = 0, False
+    else:
+      attn = attn or f'input_blocks.{k}.1.proj_in.weight' in keys
+      count += 1
+  layers.append(count)
+  down_attn.append(attn)
+  up_attn, k = [], 0
+  for num in reversed(layers):
+    up_attn.append(f'output_blocks.{k}.1.proj_in.weight' in keys)
+    k += num + 1
+  # ldm's label_emb.0 MLP is SDXL's add_embedding (class embeddings of this form are rare).
+  label_emb = 'add_embedding' if 'label_emb.0.0.weight' in keys else None
+  return _UNetLayout(tuple(layers), tuple(down_attn), tuple(up_attn), label_emb, 'label_emb.weight' in keys)
+
+
+def _unet_resnet(diffusers: str, compvis: str) -> list[_Link]:
+  return [_same(f'{diffusers}.{d}', f'{compvis}.{c}', optional=d == 'conv_shortcut') for d, c in _UNET_RESNET]
+
+
+def _unet_plan(config: Mapping[str, Any] | None, compvis_keys: Collection[str] | None, source: str) -> _Plan:
+  lay = _unet_layout_of_config(config, source) if config is not None else _unet_layout_of_keys(compvis_keys)
+  links = [_same('time_embedding.linear_1', 'time_embed.0'), _same('time_embedding.linear_2', 'time_embed.2'),
+           _same('conv_in', 'input_blocks.0.0'), _same('conv_norm_out', 'out.0'), _same('conv_out', 'out.2')]
+  if lay.label_emb:
+    links += [_same(f'{lay.label_emb}.linear_1', 'label_emb.0.0'),
+              _same(f'{lay.label_emb}.linear_2', 'label_emb.0.2')]
+  if lay.class_table:
+    links.append(_same('class_embedding', 'label_emb'))
+  n, k = len(lay.layers), 1
+  for i in range(n):
+    for j in range(lay.layers[i]):
+      links += _unet_resnet(f'down_blocks.{i}.resnets.{j}', f'input_blocks.{k}.0')
+      if lay.down_attn[i]:
+        links.append(_same(f'down_blocks.{i}.attentions.{j}', f'input_blocks.{k}.1'))
+      k += 1
+    if i < n - 1:
+      links.append(_same(f'down_blocks.{i}.downsamplers.0.conv', f'input_blocks.{k}.0.op'))
+      k += 1
+  links += _unet_resnet('mid_block.resnets.0', 'middle_block.0')
+  links.append(_same('mid_block.attentions.0', 'middle_block.1'))
+  links += _unet_resnet('mid_block.resnets.1', 'middle_block.2')
+  k = 0
+  for i, (num, attn) in enumerate(zip(reversed(lay.layers), lay.up_attn)):
+    for j in range(num + 1):
+      links += _unet_resnet(f'up_blocks.{i}.resnets.{j}', f'output_blocks.{k}.0')
+      if attn:
+        links.append(_same(f'up_blocks.{i}.attentions.{j}', f'output_blocks.{k}.1'))
+      if j == num and i < n - 1:  # ldm appends the upsampler after the block's last resnet (+ attention)
+        links.append(_same(f'up_blocks.{i}.upsamplers.0.conv', f'output_blocks.{k}.{2 if attn else 1}.conv'))
+      k += 1
+  return _Plan(links)
+
+
+# ----------------------------------------------------------------------------------------------------
+# VAE.
+
+_VAE_ATTENTION = (('group_norm', 'norm', (None, None)), ('to_q', 'q', _CONV1X1), ('to_k', 'k', _CONV1X1),
+                  ('to_v', 'v', _CONV1X1), ('to_out.0', 'proj_out', _CONV1X1))
+
+
+@dataclass(frozen=True)
+class _VAELayout:
+  blocks: int
+  layers: int                   # resnets per encoder block; decoder blocks have one more
+  mid_attn: bool = True
+  quant_conv: bool = True
+  post_quant_conv: bool = True
+
+
+def _vae_layout_of_config(config: Mapping[str, Any], source: str) -> _VAELayout:
+  down, up = list(config.get('down_block_types', ())), list(config.get('up_block_types', ()))
+  if set(down) != {'DownEncoderBlock2D'} or set(up) != {'UpDecoderBlock2D'} or len(down) != len(up):
+    raise ValueError(f'{source}: the CompVis layout is mapped for AutoencoderKL with DownEncoderBlock2D/'
+                     f'UpDecoderBlock2D blocks; this config has {down} / {up}.')
+  return _VAELayout(len(down), config.get('layers_per_block', 1), config.get('mid_block_add_attention', True),
+                    config.get('use_quant_conv', True), config.get('use_post_quant_conv', True))
+
+
+def _vae_layout_of_keys(keys: Collection[str]) -> _VAELayout:
+  keys = set(keys)
+  return _VAELayout(len(_indices(keys, 'encoder.down')), len(_indices(keys, 'encoder.down.0.block')),
+                    'encoder.mid.attn_1.q.weight' in keys, 'quant_conv.weight' in keys,
+                    'post_quant_conv.weight' in keys)
+
+
+def _vae_resnet(diffusers: str, compvis: str) -> list[_Link]:
+  return [_same(diffusers, compvis),
+          _same(f'{diffusers}.conv_shortcut', f'{compvis}.nin_shortcut', optional=True)]
+
+
+def _vae_plan(config: Mapping[str, Any] | None, compvis_keys: Collection[str] | None, source: str) -> _Plan:
+  lay = _vae_layout_of_config(config, source) if config is not None else _vae_layout_of_keys(compvis_keys)
+  links = []
+  for part in ('encoder', 'decoder'):
+    links += [_same(f'{part}.conv_in', f'{part}.conv_in'), _same(f'{part}.conv_out', f'{part}.conv_out'),
+              _same(f'{part}.conv_norm_out', f'{part}.norm_out')]
+    for r in range(2):
+      links += _vae_resnet(f'{part}.mid_block.resnets.{r}', f'{part}.mid.block_{r + 1}')
+    if lay.mid_attn:
+      links += [_same(f'{part}.mid_block.attentions.0.{d}', f'{part}.mid.attn_1.{c}', into=into)
+                for d, c, into in _VAE_ATTENTION]
+  for i in range(lay.blocks):
+    for j in range(lay.layers):
+      links += _vae_resnet(f'encoder.down_blocks.{i}.resnets.{j}', f'encoder.down.{i}.block.{j}')
+    if i < lay.blocks - 1:
+      links.append(_same(f'encoder.down_blocks.{i}.downsamplers.0.conv', f'encoder.down.{i}.downsample.conv'))
+  for i in range(lay.blocks):
+    level = lay.blocks - 1 - i  # ldm numbers decoder levels by resolution, diffusers by execution order
+    for j in range(lay.layers + 1):
+      links += _vae_resnet(f'decoder.up_blocks.{i}.resnets.{j}', f'decoder.up.{level}.block.{j}')
+    if i < lay.blocks - 1:
+      links.append(_same(f'decoder.up_blocks.{i}.upsamplers.0.conv', f'decoder.up.{level}.upsample.conv'))
+  links += [_same(name, name) for name, present in (('quant_conv', lay.quant_conv),
+                                                    ('post_quant_conv', lay.post_quant_conv)) if present]
+  return _Plan(links)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text encoder.
+
+_CLIP_ROOT = 'transformer.text_model.'
+_OPEN_CLIP_LAYER = (('layer_norm1', 'ln_1'), ('layer_norm2', 'ln_2'), ('self_attn.out_proj', 'attn.out_proj'),
+                    ('mlp.fc1', 'mlp.c_fc'), ('mlp.fc2', 'mlp.c_proj'))
+_RESBLOCK = re.compile(r'model\.transformer\.resblocks\.(\d+)\.')
+
+
+@dataclass(frozen=True)
+class _TextLayout:
+  open_clip: bool     # SD2's OpenCLIP (`model.*`, fused q/k/v) rather than SD1's OpenAI CLIP
+  layers: int         # transformer layers our model has
+  projection: bool    # CLIPTextModelWithProjection: map OpenCLIP's text_projection (transposed)
+
+
+def _text_layout_of_config(config: Mapping[str, Any]) -> _TextLayout:
+  # OpenCLIP text towers use GELU, OpenAI's CLIP uses QuickGELU: the activation tells the two layouts apart.
+  return _TextLayout(config.get('hidden_act', 'quick_gelu') == 'gelu', config.get('num_hidden_layers', 12),
+                     'CLIPTextModelWithProjection' in (config.get('architectures') or ()))
+
+
+def _text_layout_of_keys(keys: Collection[str]) -> _TextLayout:
+  if any(k.startswith('model.') for k in keys):
+    # SD2 conditions on OpenCLIP's penultimate layer: like diffusers, the model drops the last one of a
+    # complete tower (as Stability ships it, with text_projection). Files converted from diffusers hold
+    # only the layers diffusers has, and no projection: all of theirs are kept.
+    layers = len(_indices(keys, 'model.transformer.resblocks'))
+    return _TextLayout(True, max(layers - ('model.text_projection' in keys), 0), False)
+  return _TextLayout(False, len(_indices(keys, _CLIP_ROOT + 'encoder.layers')), False)
+
+
+def _text_plan(config: Mapping[str, Any] | None, compvis_keys: Collection[str] | None, source: str) -> _Plan:
+  lay = _text_layout_of_config(config) if config is not None else _text_layout_of_keys(compvis_keys)
+  if not lay.open_clip:
+    if lay.projection:
+      raise ValueError(f'{source}: SD1 checkpoints hold no text projection; use a CLIPTextModel config.')
+    links = [_same(f'text_model.embeddings.{e}', f'{_CLIP_ROOT}embeddings.{e}')
+             for e in ('token_embedding', 'position_embedding')]
+    links += [_same(f'text_model.encoder.layers.{i}', f'{_CLIP_ROOT}encoder.layers.{i}')
+              for i in range(lay.layers)]
+    links.append(_same('text_model.final_layer_norm', f'{_CLIP_ROOT}final_layer_norm'))
+    return _Plan(links, lambda key: key == f'{_CLIP_ROOT}embeddings.position_ids')
+  links = [_same('text_model.embeddings.token_embedding', 'model.token_embedding'),
+           _same('text_model.embeddings.position_embedding.weight', 'model.positional_embedding'),
+           _same('text_model.final_layer_norm', 'model.ln_final')]
+  for i in range(lay.layers):
+    ours, theirs = f'text_model.encoder.layers.{i}', f'model.transformer.resblocks.{i}'
+    links += [_same(f'{ours}.{d}', f'{theirs}.{c}') for d, c in _OPEN_CLIP_LAYER]
+    links += [_fused(tuple(f'{ours}.self_attn.{p}_proj.{w}' for p in 'qkv'), f'{theirs}.attn.in_proj_{w}')
+              for w in ('weight', 'bias')]
+  if lay.projection:
+    links.append(_same('text_projection.weight', 'model.text_projection', into=_TRANSPOSE))
+
+  def passthrough(key):
+    m = _RESBLOCK.match(key)
+    return key in ('model.text_projection', 'model.logit_scale') or bool(m and int(m[1]) >= lay.layers)
+  return _Plan(links, passthrough)
+
+
+def _text_diffusers_keys(sd: Mapping[str, Any]) -> dict[str, Any]:
+  return {k if k.startswith(('text_model.', 'text_projection.')) else 'text_model.' + k: v
+          for k, v in sd.items()}
+
+
+def _text_compvis_keys(sd: Mapping[str, Any]) -> dict[str, Any]:
+  """Older SD1 files lack `text_model.` below `transformer.`; read them as the current layout."""
+  if any(k.startswith(_CLIP_ROOT) for k in sd):
+    return dict(sd)
+  return {_CLIP_ROOT + k.removeprefix('transformer.') if k.startswith('transformer.') else k: v
+          for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-component API.
+
+
+@dataclass(frozen=True)
+class _Component:
+  prefix: str
+  plan: Callable[[Mapping | None, Collection[str] | None, str], _Plan]
+  diffusers_keys: Callable[[Mapping], dict] = dict
+  compvis_keys: Callable[[Mapping], dict] = dict
+
+
+_COMPONENTS = {
+    'unet': _Component(UNET_PREFIX, _unet_plan),
+    'vae': _Component(VAE_PREFIX, _vae_plan),
+    'text_encoder': _Component(TEXT_PREFIX, _text_plan, _text_diffusers_keys, _text_compvis_keys),
+}
+
+
+def _to_compvis(name: str, sd: Mapping[str, Any], config: Mapping[str, Any], source: str) -> dict[str, Any]:
+  component = _COMPONENTS[name]
+  return _convert(component.diffusers_keys(sd), component.plan(config, None, source), _COMPVIS, source)[0]
+
+
+def _from_compvis(name: str, sd: Mapping[str, Any], config: Mapping[str, Any] | None,
+                  source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  component = _COMPONENTS[name]
+  sd = component.compvis_keys(sd)
+  return _convert(sd, component.plan(config, sd.keys(), source), _DIFFUSERS, source)
+
+
+def unet_to_compvis(sd: Mapping[str, Any], unet_config: Mapping[str, Any], *, source: str = 'UNet') -> dict:
+  """diffusers UNet2DConditionModel keys → CompVis keys (without `model.diffusion_model.`)."""
+  return _to_compvis('unet', sd, unet_config, source)
+
+
+def unet_from_compvis(sd: Mapping[str, Any], unet_config: Mapping[str, Any] | None = None, *,
+                      source: str = 'UNet') -> dict:
+  """CompVis UNet keys (without `model.diffusion_model.`) → diffusers keys.
+
+  With `unet_config` None the block structure is read off the keys. Unknown keys are errors.
+  """
+  return _from_compvis('unet', sd, unet_config, source)[0]
+
+
+def vae_to_compvis(sd: Mapping[str, Any], vae_config: Mapping[str, Any], *, source: str = 'VAE') -> dict:
+  """diffusers AutoencoderKL keys → CompVis keys (without `first_stage_model.`); attention Linear → 1×1
+  conv."""
+  return _to_compvis('vae', sd, vae_config, source)
+
+
+def vae_from_compvis(sd: Mapping[str, Any], vae_config: Mapping[str, Any] | None = None, *,
+                     source: str = 'VAE') -> dict:
+  """CompVis VAE keys (without `first_stage_model.`) → diffusers keys; attention 1×1 conv → Linear."""
+  return _from_compvis('vae', sd, vae_config, source)[0]
+
+
+def text_encoder_to_compvis(sd: Mapping[str, Any], text_config: Mapping[str, Any], *,
+                            source: str = 'text encoder') -> dict:
+  """transformers CLIPTextModel(WithProjection) keys → CompVis keys (without `cond_stage_model.`).
+
+  `hidden_act` picks the layout: 'gelu' → SD2 OpenCLIP (`model.*`, fused q/k/v), else SD1 CLIP
+  (`transformer.text_model.*`).
+  """
+  return _to_compvis('text_encoder', sd, text_config, source)
+
+
+def text_encoder_from_compvis(sd: Mapping[str, Any], text_config: Mapping[str, Any] | None = None, *,
+                              source: str = 'text encoder') -> tuple[dict, dict]:
+  """CompVis text-encoder keys (without `cond_stage_model.`) → (transformers keys, extras).
+
+  extras are the CompVis tensors our model does not hold (see the module docstring), keyed in the current
+  CompVis layout (older SD1 keys without `text_model.` are read as the current ones).
+  """
+  return _from_compvis('text_encoder', sd, text_config, source)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configs.
+
+
+def stored_configs(metadata: Mapping[str, str], *, source: str = 'checkpoint') -> dict | None:
+  """The diffusers configs `write_single_file` stored in a file's metadata, or None if it has none."""
+  text = (metadata or {}).get(CONFIG_METADATA_KEY)
+  if text is None:
+    return None
+  try:
+    configs = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{source}: metadata entry {CONFIG_METADATA_KEY!r} is not valid JSON ({e}).') from e
+  if not isinstance(configs, dict):
+    raise ValueError(f'{source}: metadata entry {CONFIG_METADATA_KEY!r} is not a JSON object.')
+  return configs
+
+
+def _shape(value) -> tuple[int, ...]:
+  shape = getattr(value, 'shape', None)
+  return tuple(shape) if shape is not None else np.shape(value())
+
+
+def infer_configs(components: Mapping[str, Mapping[str, Any]], *, prediction_type: str | None = None) -> dict:
+  """SD1/SD2 diffusers configs (unet, vae, text_encoder, scheduler) from the shapes of diffusers-keyed
+  components, for files that do not carry ours.
+
+  A UNet with linear proj_in/out is SD2: head dim 64 (attention_head_dim = block width / 64), an OpenCLIP
+  (GELU) text encoder; otherwise SD1: 8 heads, OpenAI CLIP (QuickGELU). The text encoder gets head dim
+  64. What shapes cannot tell takes the SD default (32 norm groups, eps, scaling factor 0.18215, token ids).
+  `prediction_type` ('epsilon' or 'v_prediction') is the caller's to give for SD2: the 768-px models are
+  v-prediction, the 512-px base models epsilon; SD1 defaults to 'epsilon'. It also sets the sample size
+  (768 px for v-prediction, else 512).
+  """
+  if 'unet' not in components:
+    raise ValueError('infer_configs needs the UNet to tell SD1 from SD2.')
+  unet = _infer_unet(components['unet'])
+  sd2 = unet['use_linear_projection']
+  if prediction_type is None:
+    if sd2:
+      raise ValueError('This is an SD2 checkpoint: pass prediction_type, since the weights do not say it. '
+                       + _V_PREDICTION_HINT + '.')
+    prediction_type = 'epsilon'
+  if prediction_type not in ('epsilon', 'v_prediction'):
+    raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}.")
+  image = 768 if prediction_type == 'v_prediction' else 512
+  configs = {'unet': unet, 'scheduler': {
+      '_class_name': 'DDIMScheduler', 'beta_start': 0.00085, 'beta_end': 0.012,
+      'beta_schedule': 'scaled_linear', 'num_train_timesteps': 1000, 'clip_sample': False,
+      'set_alpha_to_one': False, 'steps_offset': 1,
+      'prediction_type': prediction_type, 'timestep_spacing': 'leading'}}
+  scale = 8
+  if 'vae' in components:
+    configs['vae'] = _infer_vae(components['vae'], image)
+    scale = 2 ** (len(configs['vae']['block_out_channels']) - 1)
+  unet['sample_size'] = image // scale
+  if 'text_encoder' in components:
+    configs['text_encoder'] = _infer_text(components['text_encoder'], open_clip=sd2)
+  return configs
+
+
+def _infer_unet(sd: Mapping[str, Any]) -> dict:
+  if any(k.startswith(('add_embedding.', 'class_embedding.')) for k in sd):
+    raise ValueError('infer_configs handles SD1/SD2 UNets; this one has class/added-condition embeddings '
+                     '(SDXL or a variant): give its config explicitly.')
+  keys = set(sd)
+  n = len(_indices(keys, 'down_blocks'))
+  widths = [_shape(sd[f'down_blocks.{i}.resnets.0.conv1.weight'])[0] for i in range(n)]
+  layers = [len(_indices(keys, f'down_blocks.{i}.resnets')) for i in range(n)]
+  down_attn = [bool(_indices(keys, f'down_blocks.{i}.attentions')) for i in range(n)]
+  up_attn = [bool(_indices(keys, f'up_blocks.{i}.attentions')) for i in range(n)]
+  depth = [len(_indices(keys, f'down_blocks.{i}.attentions.0.transformer_blocks')) or 1 for i in range(n)]
+  attention = next((k for k in sorted(keys) if k.endswith('.attentions.0.proj_in.weight')), None)
+  cross = next((k for k in sorted(keys) if k.endswith('.attn2.to_k.weight')), None)
+  if attention is None or cross is None:
+    raise ValueError('infer_configs: the UNet has no cross-attention blocks; this is not an SD1/SD2 UNet.')
+  linear = len(_shape(sd[attention])) == 2
+  if linear and any(w % 64 for w in widths):
+    raise ValueError(f'infer_configs: block widths {widths} are not multiples of the head dim 64 of SD2 '
+                     'UNets; give the UNet config explicitly.')
+  config = {
+      '_class_name': 'UNet2DConditionModel', 'act_fn': 'silu',
+      'attention_head_dim': [w // 64 for w in widths] if linear else 8,
+      'block_out_channels': widths, 'center_input_sample': False, 'cross_attention_dim': _shape(sd[cross])[1],
+      'down_block_types': ['CrossAttnDownBlock2D' if a else 'DownBlock2D' for a in down_attn],
+      'downsample_padding': 1, 'flip_sin_to_cos': True, 'freq_shift': 0,
+      'in_channels': _shape(sd['conv_in.weight'])[1],
+      'layers_per_block': layers[0] if len(set(layers)) == 1 else layers,
+      'mid_block_scale_factor': 1, 'norm_eps': 1e-5, 'norm_num_groups': 32,
+      'out_channels': _shape(sd['conv_out.weight'])[0], 'sample_size': None,
+      'up_block_types': ['CrossAttnUpBlock2D' if a else 'UpBlock2D' for a in up_attn],
+      'use_linear_projection': linear,
+  }
+  if set(depth) != {1}:
+    config['transformer_layers_per_block'] = depth
+  return config
+
+
+def _infer_vae(sd: Mapping[str, Any], image: int) -> dict:
+  keys = set(sd)
+  n = len(_indices(keys, 'encoder.down_blocks'))
+  widths = [_shape(sd[f'encoder.down_blocks.{i}.resnets.0.conv1.weight'])[0] for i in range(n)]
+  return {
+      '_class_name': 'AutoencoderKL', 'act_fn': 'silu', 'block_out_channels': widths,
+      'down_block_types': ['DownEncoderBlock2D'] * n, 'in_channels': _shape(sd['encoder.conv_in.weight'])[1],
+      'latent_channels': _shape(sd['decoder.conv_in.weight'])[1],
+      'layers_per_block': len(_indices(keys, 'encoder.down_blocks.0.resnets')), 'norm_num_groups': 32,
+      'out_channels': _shape(sd['decoder.conv_out.weight'])[0], 'sample_size': image,
+      'scaling_factor': 0.18215, 'up_block_types': ['UpDecoderBlock2D'] * n,
+  }
+
+
+def _infer_text(sd: Mapping[str, Any], *, open_clip: bool) -> dict:
+  sd = {k.removeprefix('text_model.'): v for k, v in _text_diffusers_keys(sd).items()}
+  vocab, hidden = _shape(sd['embeddings.token_embedding.weight'])
+  if hidden % 64:
+    raise ValueError(f'infer_configs: text encoder width {hidden} is not a multiple of the head dim 64 of '
+                     'the CLIP text encoders of SD1/SD2; give its config explicitly.')
+  return {
+      'architectures': ['CLIPTextModelWithProjection' if 'text_projection.weight' in sd else 'CLIPTextModel'],
+      'model_type': 'clip_text_model', 'hidden_act': 'gelu' if open_clip else 'quick_gelu',
+      'hidden_size': hidden, 'intermediate_size': _shape(sd['encoder.layers.0.mlp.fc1.weight'])[0],
+      'num_attention_heads': hidden // 64, 'num_hidden_layers': len(_indices(set(sd), 'encoder.layers')),
+      'max_position_embeddings': _shape(sd['embeddings.position_embedding.weight'])[0], 'vocab_size': vocab,
+      'layer_norm_eps': 1e-5, 'bos_token_id': 0, 'eos_token_id': 2, 'pad_token_id': 1,
+  }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole files.
+
+
+_SAFETENSORS_DTYPES = {code: dtype for dtype, code in files._DTYPES.items()}
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
+  reader = files.SafetensorsReader(path)  # checks the header: garbage, truncated → errors naming the file
+  with open(path, 'rb') as f:  # shapes and dtypes, without touching the data
+    (n,) = struct.unpack('<Q', f.read(8))
+    header = json.loads(f.read(n))
+  tensors = {}
+  for key in reader:
+    code = header[key]['dtype']
+    if code not in _SAFETENSORS_DTYPES:
+      raise ValueError(f'{path}: tensor {key!r} has dtype {code}, which esd-jax does not read.')
+    tensors[key] = LazyTensor(reader[key], header[key]['shape'], _SAFETENSORS_DTYPES[code])
+  return tensors, dict(reader.metadata)
+
+
+def _torch_array(t) -> np.ndarray:
+  import torch
+  t = t.detach().cpu()
+  if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits as ml_dtypes'
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return t.numpy()
+
+
+def _read_torch(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(f'{path}: reading a pickled PyTorch checkpoint needs torch (pip install torch), or '
+                      'convert the file to .safetensors first.') from e
+  with open(path, 'rb') as f:
+    legacy = f.read(2) == b'\x80\x02'  # torch's pre-zip format starts with a protocol-2 pickle
+  if not (legacy or zipfile.is_zipfile(path)):
+    raise ValueError(f'{path}: not a readable PyTorch checkpoint (neither a zip archive nor a legacy torch '
+                     'pickle). The file is corrupt or truncated (an interrupted download?), or not a '
+                     'checkpoint.')
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True, mmap=not legacy)
+  except pickle.UnpicklingError as e:
+    raise ValueError(f'{path}: holds pickled objects other than tensors, which are not loaded for safety '
+                     f'(weights_only=True): {e}. Convert it to .safetensors with a trusted tool.') from e
+  except Exception as e:
+    raise ValueError(f'{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}). The file is '
+                     'corrupt or truncated.') from e
+  sd = obj.get('state_dict', obj) if isinstance(obj, dict) else None
+  if not isinstance(sd, dict):
+    raise ValueError(f'{path}: holds a {type(obj).__name__}, not a state dict.')
+  return {k: LazyTensor(lambda t=t: _torch_array(t), t.shape, _torch_array(t.reshape(-1)[:0]).dtype)
+          for k, t in sd.items() if isinstance(t, torch.Tensor)}, {}
+
+
+def read_single_file(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], dict[str, Any],
+                                                      dict[str, str]]:
+  """Reads an SD1/SD2 CompVis single-file checkpoint (.safetensors; .ckpt/.pt when torch is installed).
+
+  Returns (components, extras, metadata): components maps 'unet', 'vae', 'text_encoder' (those present)
+  to diffusers-keyed lazy tensors (`LazyTensor`: call for the array, `.shape` without reading); extras
+  maps the full CompVis keys of everything else (see the module docstring) to lazy tensors; metadata is
+  the file's safetensors `__metadata__`. Configs: `stored_configs(metadata)` for files we wrote, else
+  `infer_configs(components, prediction_type=...)`. The stored configs, when present, also drive the key
+  mapping; without them the structure is read off the keys.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'{path}: checkpoint file not found.')
+  tensors, metadata = (_read_torch if path.suffix in _TORCH_SUFFIXES else _read_safetensors)(path)
+  if any(k.startswith('conditioner.') for k in tensors):
+    raise ValueError(f'{path}: an SDXL single file (conditioner.embedders.*): only SD1/SD2 single files are '
+                     'supported. Convert it to the diffusers folder layout first.')
+  if not any(k.startswith(UNET_PREFIX) for k in tensors):
+    raise ValueError(f'{path}: not a Stable Diffusion checkpoint: it has no {UNET_PREFIX}* tensors (its '
+                     f'{len(tensors)} tensors include {_show(tensors, 3)}). Standalone VAEs, LoRAs and '
+                     'embeddings are not single-file checkpoints.')
+  configs = stored_configs(metadata, source=str(path)) or {}
+  parts: dict[str, dict[str, Any]] = defaultdict(dict)
+  extras = {}
+  for key, value in tensors.items():
+    name = next((n for n, c in _COMPONENTS.items() if key.startswith(c.prefix)), None)
+    if name is None:
+      extras[key] = value
+    else:
+      parts[name][key.removeprefix(_COMPONENTS[name].prefix)] = value
+  components = {}
+  for name, part in parts.items():
+    components[name], rest = _from_compvis(name, part, configs.get(name), f'{path} ({name})')
+    extras.update({_COMPONENTS[name].prefix + k: v for k, v in rest.items()})
+  return components, extras, metadata
+
+
+def write_single_file(path: str | os.PathLike, components: Mapping[str, Mapping[str, Any]],
+                      configs: Mapping[str, Mapping[str, Any]], *, dtype=None,
+                      extras: Mapping[str, Any] | None = None,
+                      metadata: Mapping[str, str] | None = None) -> None:
+  """Writes diffusers-keyed `components` ('unet' required; 'vae', 'text_encoder') as one CompVis
+  .safetensors file, atomically (a temporary sibling, fsynced, renamed over `path`; removed on failure).
+
+  `configs` holds each component's diffusers config (and optionally 'scheduler'); all of it is stored as
+  JSON under the metadata key CONFIG_METADATA_KEY. `extras` (full CompVis keys, e.g. from
+  read_single_file) are written as they are; `metadata` adds string metadata entries. `dtype` ('fp16',
+  'bf16', 'fp32' or a numpy dtype) converts floating tensors; None keeps each tensor's dtype.
+  """
+  path = Path(path)
+  if path.suffix != '.safetensors':
+    raise ValueError(f'{path}: single files are written as .safetensors only; name it *.safetensors.')
+  if 'unet' not in components:
+    raise ValueError(f'{path}: a single-file checkpoint needs the UNet; components has {sorted(components)}.')
+  unknown = sorted(set(components) - set(_COMPONENTS))
+  if unknown:
+    raise ValueError(f'{path}: unknown component(s) {unknown}; a single file holds {sorted(_COMPONENTS)}.')
+  missing = sorted(set(components) - set(configs))
+  if missing:
+    raise ValueError(f'{path}: no config for component(s) {missing}; pass them in configs.')
+  tensors = {}
+  for name, sd in components.items():
+    prefix = _COMPONENTS[name].prefix
+    converted = _to_compvis(name, sd, configs[name], f'{path} ({name})')
+    tensors.update((prefix + k, v) for k, v in converted.items())
+  clash = sorted(set(tensors) & set(extras or {}))
+  if clash:
+    raise ValueError(f'{path}: extras {_show(clash)} collide with converted component tensors; drop them '
+                     'from the extras (or the component) so each tensor is written once.')
+  tensors.update(extras or {})
+  tensors = {k: LazyTensor.of(v) for k, v in tensors.items()}  # the writer needs shape and dtype up front
+  meta = {**(metadata or {}), CONFIG_METADATA_KEY: json.dumps(configs, sort_keys=True)}
+  files.write_safetensors(path, tensors, metadata=meta,
+                          dtype=files.np_dtype(dtype) if isinstance(dtype, str) else dtype)
