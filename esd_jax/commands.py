@@ -1,0 +1,64 @@
+"""The jobs behind `main.py`'s commands: each takes the experiment's ConfigDict."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from esd_jax import images
+from esd_jax.generate import text_to_image
+
+_COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def load_model(config: ml_collections.ConfigDict):
+  """The pipeline that `config.model` names (see configs/default.py)."""
+  from convert.diffusers_format import load_pipeline
+  from esd_jax.tiny import random_pipeline
+
+  if config.model == 'tiny-random':
+    folder = Path(config.workdir) / 'tiny-random'
+    if not (folder / 'model_index.json').is_file():
+      logging.info('Building the small random pipeline in %s', folder)
+      random_pipeline(folder)
+    return load_pipeline(folder)
+  return load_pipeline(config.model, variant=config.variant or None)
+
+
+def compute_dtype(name: str):
+  if name not in _COMPUTE_DTYPES:
+    raise ValueError(f'Unknown compute dtype {name!r}; choose one of {sorted(_COMPUTE_DTYPES)}.')
+  return _COMPUTE_DTYPES[name]
+
+
+def generate(config: ml_collections.ConfigDict) -> Path:
+  """Writes one PNG per prompt and seed, and a grid (rows: prompts, columns: seeds), to workdir/generate."""
+  g = config.generate
+  out = Path(config.workdir) / 'generate'
+  pipe = load_model(config)
+  kwargs = dict(negative_prompt=g.negative_prompt, guidance_scale=g.guidance_scale, num_inference_steps=g.steps,
+                height=g.height or None, width=g.width or None, eta=g.eta, dtype=compute_dtype(g.dtype),
+                scheduler=None if g.scheduler == 'config' else g.scheduler)
+  rows = []
+  start = time.perf_counter()
+  for seed in tqdm(g.seeds, desc='generate', unit='seed'):
+    batch, _ = text_to_image(pipe, list(g.prompts), seed=seed, **kwargs)
+    rows.append(np.asarray(batch))
+    for prompt, image in zip(g.prompts, rows[-1]):
+      images.save_png(image, out / f'{_slug(prompt)}_seed{seed}.png')
+  grid = [[rows[j][i] for j in range(len(g.seeds))] for i in range(len(g.prompts))]
+  path = images.save_grid(out / 'grid.png', grid, row_labels=list(g.prompts),
+                          col_labels=[f'seed {s}' for s in g.seeds], scale=max(1, 128 // grid[0][0].shape[0]))
+  logging.info('Wrote %d images and %s in %.1f s', len(g.prompts) * len(g.seeds), path, time.perf_counter() - start)
+  print(f'Images in {out}; grid: {path}')
+  return path
+
+
+def _slug(text: str) -> str:
+  return ''.join(c if c.isalnum() else '_' for c in text.lower()).strip('_')[:60] or 'empty'
