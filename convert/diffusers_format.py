@@ -21,6 +21,7 @@ from convert.files import SafetensorsReader, atomic_path, np_dtype, write_safete
 from esd_jax.models import build_abstract, clip
 from esd_jax.models.state_dict import load_state_dict, state_dict
 from esd_jax.pipeline import StableDiffusion
+from esd_jax.tokenizer import save_tokenizer
 
 Sharding = Callable[[str, tuple[int, ...]], Any]
 
@@ -160,7 +161,7 @@ def save_pipeline(pipe: StableDiffusion, folder: str | os.PathLike, *, dtype: st
     for name in ('tokenizer', 'tokenizer_2'):
       tokenizer = getattr(pipe, name)
       if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp / name))
+        save_tokenizer(tokenizer, tmp / name)
         index[name] = ['transformers', 'CLIPTokenizer']
     scheduler = pipe.scheduler_config
     (tmp / 'scheduler').mkdir()

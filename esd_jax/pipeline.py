@@ -14,7 +14,8 @@ class StableDiffusion:
 
   `scheduler_config` is the raw `scheduler/scheduler_config.json` dict. Tokenizers are
   `transformers.CLIPTokenizer` instances (None when a single-file checkpoint was loaded without one).
-  The `_2` fields are set for SDXL only.
+  The `_2` fields are set for SDXL only. `extras` holds the tensors of a single-file checkpoint that no
+  component holds (full CompVis keys → arrays), written back when the pipeline is saved as a single file.
   """
 
   unet: nnx.Module
@@ -24,6 +25,7 @@ class StableDiffusion:
   scheduler_config: dict[str, Any]
   text_encoder_2: nnx.Module | None = None
   tokenizer_2: Any = None
+  extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def is_sdxl(self) -> bool:

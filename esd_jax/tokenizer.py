@@ -100,3 +100,18 @@ def tokenize(tokenizer, prompts: list[str]):
   """Token ids padded to the tokenizer's max length, as Stable Diffusion pipelines feed the text encoder."""
   return tokenizer(prompts, padding='max_length', max_length=tokenizer.model_max_length, truncation=True,
                    return_tensors='np').input_ids
+
+
+def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
+  """Saves a CLIPTokenizer readable by every transformers version.
+
+  transformers 5 writes only tokenizer.json; older versions' (slow) CLIPTokenizer, which diffusers
+  pipelines name in model_index.json, needs vocab.json and merges.txt. Both are derived from the BPE model
+  inside tokenizer.json.
+  """
+  folder = Path(folder)
+  tokenizer.save_pretrained(str(folder))
+  model = json.loads((folder / 'tokenizer.json').read_text())['model']
+  merges = [m if isinstance(m, str) else ' '.join(m) for m in model['merges']]
+  (folder / 'vocab.json').write_text(json.dumps(model['vocab'], ensure_ascii=False))
+  (folder / 'merges.txt').write_text('#version: 0.2\n' + ''.join(m + '\n' for m in merges))
