@@ -21,6 +21,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Experiment
 
 COMMANDS = {
     'generate': commands.generate,
+    'erase': commands.erase,
 }
 
 
@@ -31,6 +32,9 @@ def main(argv):
   if command not in COMMANDS:
     raise app.UsageError(f'Unknown command {command!r}; choose one of {sorted(COMMANDS)}.')
   logging.info('esd-jax %s with config:\n%s', command, _CONFIG.value)
+  if _CONFIG.value.mesh.distributed:
+    import jax
+    jax.distributed.initialize()  # multi-host: every host runs this same command
   COMMANDS[command](_CONFIG.value)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -17,18 +18,19 @@ from esd_jax.generate import text_to_image
 _COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def load_model(config: ml_collections.ConfigDict):
-  """The pipeline that `config.model` names (see configs/default.py)."""
-  from convert.diffusers_format import load_pipeline
+def load_model(config: ml_collections.ConfigDict, *, sharding=None):
+  """The pipeline that `config.model` names (see configs/default.py), each tensor placed by `sharding`."""
+  from convert import load_pipeline
   from esd_jax.tiny import random_pipeline
 
-  if config.model == 'tiny-random':
-    folder = Path(config.workdir) / 'tiny-random'
-    if not (folder / 'model_index.json').is_file():
-      logging.info('Building the small random pipeline in %s', folder)
-      random_pipeline(folder)
-    return load_pipeline(folder)
-  return load_pipeline(config.model, variant=config.variant or None)
+  path = config.model
+  if path == 'tiny-random':
+    path = Path(config.workdir) / 'tiny-random'
+    if not (path / 'model_index.json').is_file():
+      logging.info('Building the small random pipeline in %s', path)
+      random_pipeline(path)
+  return load_pipeline(path, variant=config.variant or None, tokenizer=config.tokenizer or None,
+                       prediction_type=config.prediction_type or None, sharding=sharding)
 
 
 def compute_dtype(name: str):
@@ -62,3 +64,15 @@ def generate(config: ml_collections.ConfigDict) -> Path:
 
 def _slug(text: str) -> str:
   return ''.join(c if c.isalnum() else '_' for c in text.lower()).strip('_')[:60] or 'empty'
+
+
+def erase(config: ml_collections.ConfigDict):
+  """Trains (or resumes) the erasure and saves the trained tensors to workdir/erased."""
+  from convert.esd_weights import write_trained_safetensors
+  from esd_jax.train import erase as run
+
+  result = run(config)
+  path = Path(config.workdir) / 'erased' / 'unet_trained.safetensors'
+  write_trained_safetensors(path, result.trained, metadata={'esd_jax.run': json.dumps(result.metadata)})
+  print(f'Erased weights ({len(result.trained)} tensors) in {path}')
+  return result

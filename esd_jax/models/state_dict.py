@@ -7,6 +7,7 @@ no memory is spent on initial values) tensor by tensor, each placed straight on 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -27,6 +28,32 @@ def param_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
 def state_dict(module: nnx.Module) -> dict[str, jax.Array]:
   """Key → array of every parameter, in the checkpoint's names and layout."""
   return {key_of(p): v[...] for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamLayout:
+  """A module's structure without its values: rebuilds the module from a flat {key: array} dict.
+
+  Static and hashable, so a jitted function can take parameters as plain flat dicts (the frozen base
+  held once, a trained subset laid over it) and call the module inside.
+  """
+
+  graphdef: Any
+  paths: tuple[tuple[str, tuple[Any, ...]], ...]
+
+  def module(self, params: Mapping[str, jax.Array]) -> nnx.Module:
+    path = dict(self.paths)
+    return nnx.merge(self.graphdef, nnx.from_flat_state([(path[k], v) for k, v in params.items()]))
+
+
+def split_flat(module: nnx.Module) -> tuple[ParamLayout, dict[str, jax.Array]]:
+  """(layout, {key: array}) of a module whose state is all parameters."""
+  graphdef, state = nnx.split(module)
+  flat = nnx.to_flat_state(state)
+  if any(not isinstance(v, nnx.Param) for _, v in flat):
+    raise TypeError(f'{type(module).__name__} holds state other than parameters; split_flat expects only nnx.Param.')
+  return (ParamLayout(graphdef, tuple((key_of(p), tuple(p)) for p, _ in flat)),
+          {key_of(p): v[...] for p, v in flat})
 
 
 def abstract(build: Callable[[], nnx.Module]) -> nnx.Module:

@@ -1,0 +1,206 @@
+"""The ESD objective (ESD_SPEC §1–2): erase concept c by teaching the UNet the frozen model's negative guidance.
+
+    target = anchor − η · (ε*(x_t, c, t) − ε*(x_t, "", t))        anchor = ε*(x_t, "", t), or ε*(x_t, f, t)
+    loss   = mean((ε_θ(x_t, c, t) − stop_gradient(target))²)      the student sees f instead of c if given
+
+ε* is the frozen model, ε_θ the one being trained, η the negative guidance, f the optional `erase_from`
+prompt (erase c only from f). x_t is no training image: a sampler runs from noise x_T toward the concept with
+classifier-free guidance and stops part-way. How it runs and which timestep the models are then asked at
+differ between the three versions of the authors' code (`CONVENTIONS`, ESD_SPEC §2, §4); all are here, with
+η always in the paper's convention. Every random draw is an input (`Draws`), so that a PyTorch
+implementation fed the same draws gives the same loss and gradients (tests/torch_esd.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from esd_jax.generate import Conditioning
+from esd_jax.models.state_dict import ParamLayout
+from esd_jax.schedulers import DDIM, make_scheduler
+
+CONVENTIONS = ('paper', 'diffusers-v1', 'diffusers-v2')
+Params = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """The static settings of the objective.
+
+  convention: 'paper' (CompVis, the paper's numbers), 'diffusers-v1' (first diffusers port), 'diffusers-v2'
+    (2025 code: the frozen model samples; it anchors on ε*(c) with η_C = η + 1, converted here).
+  negative_guidance: η of the paper ("ESD-x-3": η = 3).
+  guidance: classifier-free guidance of the sampler producing x_t ("start guidance", 3 in the paper).
+  ddim_steps: sampler steps of a full trajectory (50).
+  sampler: for diffusers-v2, 'ddim' or 'pndm' (PLMS, that code's pipeline default); the others use DDIM.
+  compute_dtype: dtype of the UNet's arithmetic; parameters, gradients and the loss stay float32.
+  """
+
+  convention: str = 'paper'
+  negative_guidance: float = 1.0
+  guidance: float = 3.0
+  ddim_steps: int = 50
+  sampler: str = 'ddim'
+  compute_dtype: str = 'float32'
+
+  def __post_init__(self):
+    if self.convention not in CONVENTIONS:
+      raise ValueError(f'Unknown ESD convention {self.convention!r}; choose one of {CONVENTIONS}.')
+    if self.sampler not in ('ddim', 'pndm') or (self.sampler == 'pndm' and self.convention != 'diffusers-v2'):
+      raise ValueError(f"sampler {self.sampler!r}: 'ddim' for every convention, 'pndm' for diffusers-v2 only.")
+    if self.ddim_steps < 2:
+      raise ValueError(f'ddim_steps = {self.ddim_steps}: a trajectory needs at least 2 steps.')
+
+  def scheduler(self, scheduler_config) -> DDIM:
+    """The sampler on the model's noise schedule. paper and diffusers-v1 fix SD's DDIM timesteps
+    (leading spacing, offset 1: [1, 21, …, 981] for 50 steps) whatever the pipeline's own config says."""
+    if self.convention == 'diffusers-v2':
+      return make_scheduler(scheduler_config, self.sampler)
+    return make_scheduler({**scheduler_config, 'timestep_spacing': 'leading', 'steps_offset': 1,
+                           'set_alpha_to_one': False}, 'ddim')
+
+
+class Prompts(NamedTuple):
+  """Text conditioning, encoded once. `concept` and `student` have a leading concept axis (N);
+  `student[i]` is concept i's erase_from prompt f (with `has_from[i]`), else concept i itself.
+  `student` is None when no concept has an erase_from prompt, which saves the frozen model a forward."""
+
+  uncond: Conditioning
+  concept: Conditioning
+  student: Conditioning | None
+  has_from: jax.Array
+
+
+class Draws(NamedTuple):
+  """One iteration's random draws. `step`: t_enc (paper) or k (diffusers-v1/-v2); `t`: the query timestep."""
+
+  x_T: jax.Array
+  step: jax.Array
+  t: jax.Array
+  concept: jax.Array
+
+
+def draw(key: jax.Array, objective: Objective, scheduler, *, batch: int, latent_shape: tuple[int, int, int],
+         num_concepts: int) -> Draws:
+  """Draws as the convention's code draws them (ESD_SPEC §4): one step and one concept per iteration."""
+  k_noise, k_step, k_t, k_concept = jax.random.split(key, 4)
+  n = objective.ddim_steps
+  stride = scheduler.num_train_timesteps // n
+  x_T = jax.random.normal(k_noise, (batch, *latent_shape), jnp.float32) * scheduler.init_noise_sigma
+  concept = jax.random.randint(k_concept, (), 0, num_concepts)
+  if objective.convention == 'paper':
+    step = jax.random.randint(k_step, (), 0, n)
+    t = stride * step + jax.random.randint(k_t, (), 0, stride)
+  elif objective.convention == 'diffusers-v1':
+    step = jax.random.randint(k_step, (), 1, n - 1)
+    t = scheduler.num_train_timesteps - stride * step
+  else:
+    step = jax.random.randint(k_step, (), 0, n)
+    t = scheduler.timestep(step, n)
+  return Draws(x_T, step.astype(jnp.int32), t.astype(jnp.int32), concept.astype(jnp.int32))
+
+
+def _pick(cond: Conditioning, index, batch: int) -> Conditioning:
+  """Row `index` of a stacked Conditioning, repeated over the batch."""
+  return jax.tree.map(lambda a: jnp.broadcast_to(a[index], (batch, *a.shape[1:])), cond)
+
+
+def _cat(*conds: Conditioning) -> Conditioning:
+  return jax.tree.map(lambda *a: jnp.concatenate(a), *conds)
+
+
+def _predict(unet, x, t, cond: Conditioning, dtype) -> jax.Array:
+  """The UNet's output in float32, computed in `dtype`, for a batch of latents sharing timestep t."""
+  cond = jax.tree.map(lambda a: a.astype(dtype), cond)
+  return unet(x.astype(dtype), t, cond.context, cond.added_cond_kwargs()).astype(jnp.float32)
+
+
+def sample_x_t(objective: Objective, scheduler, unet, x_T: jax.Array, step: jax.Array, uncond: Conditioning,
+               cond: Conditioning) -> jax.Array:
+  """Runs the guided sampler from x_T and stops where the convention's `step` says (a traced length).
+
+  paper: CompVis' DDIM drops the last timestep (981), starts from x_T as if at 961, and stops right after the
+  step whose index + 1 equals t_enc: 50 − t_enc steps, 49 for t_enc ∈ {0, 1}. diffusers-v1/-v2: k steps.
+  """
+  n = objective.ddim_steps
+  dtype = jnp.dtype(objective.compute_dtype)
+  both = _cat(uncond, cond)
+
+  def model_fn(x, t):
+    e_uncond, e_cond = jnp.split(_predict(unet, jnp.concatenate([x, x]), t, both, dtype), 2)
+    return e_uncond + objective.guidance * (e_cond - e_uncond)
+
+  if objective.convention == 'paper':
+    start, stop = 1, jnp.minimum(n, n + 1 - step)
+  else:
+    start, stop = 0, step
+  x_t, _ = scheduler.denoise(model_fn, x_T, n, start=start, stop=stop)
+  return jax.lax.stop_gradient(x_t)
+
+
+def esd_loss(trained: Params, frozen: Params, layout: ParamLayout, objective: Objective, scheduler,
+             prompts: Prompts, draws: Draws) -> tuple[jax.Array, jax.Array]:
+  """(loss, x_t) of one iteration. Gradients flow to `trained` only: the student is the frozen tree with
+  the trained subset laid over it, so the base weights are held once."""
+  batch = draws.x_T.shape[0]
+  dtype = jnp.dtype(objective.compute_dtype)
+  teacher = layout.module(frozen)
+  uncond = _pick(prompts.uncond, 0, batch)
+  concept = _pick(prompts.concept, draws.concept, batch)
+  student_prompt = concept if prompts.student is None else _pick(prompts.student, draws.concept, batch)
+
+  # paper and diffusers-v1 sample with the model being trained (no gradient through sampling), v2 with θ*.
+  if objective.convention == 'diffusers-v2':
+    sampler = teacher
+  else:
+    sampler = layout.module({**frozen, **jax.lax.stop_gradient(trained)})
+  x_t = sample_x_t(objective, scheduler, sampler, draws.x_T, draws.step, uncond, student_prompt)
+
+  # The frozen model's predictions, in one batched forward: "", c (and f).
+  asked = [uncond, concept] + ([student_prompt] if prompts.student is not None else [])
+  e = jnp.split(_predict(teacher, jnp.concatenate([x_t] * len(asked)), draws.t, _cat(*asked), dtype), len(asked))
+  e_uncond, e_concept = e[0], e[1]
+  eta = objective.negative_guidance
+  if objective.convention == 'diffusers-v2':
+    anchor, coefficient = e_concept, eta + 1.0  # that code's η_C = η + 1 with anchor ε*(c): the same target
+  else:
+    anchor, coefficient = e_uncond, eta
+  if prompts.student is not None:
+    anchor = jnp.where(prompts.has_from[draws.concept], e[2], anchor)
+  target = jax.lax.stop_gradient(anchor - coefficient * (e_concept - e_uncond))
+
+  student = layout.module({**frozen, **trained})
+  e_student = _predict(student, x_t, draws.t, student_prompt, dtype)
+  return jnp.mean(jnp.square(e_student - target)), x_t
+
+
+class TrainState(NamedTuple):
+  """What changes during training: the trained subset, its Adam state, and the iteration count."""
+
+  step: jax.Array
+  trained: Params
+  opt_state: optax.OptState
+
+
+def optimizer(learning_rate: float) -> optax.GradientTransformation:
+  """Adam as the paper's code runs it: β = (0.9, 0.999), ε = 1e-8, no decay, schedule, clipping or EMA."""
+  return optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8)
+
+
+def init_state(trained: Params, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(jnp.zeros((), jnp.int32), trained, tx.init(trained))
+
+
+def train_step(state: TrainState, frozen: Params, prompts: Prompts, draws: Draws, *, layout: ParamLayout,
+               objective: Objective, scheduler, tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+  """One ESD iteration: loss, gradient of the trained subset, one Adam update. Pure; jit it with the
+  keyword arguments bound (they are static)."""
+  (loss, _), grads = jax.value_and_grad(esd_loss, has_aux=True)(
+      state.trained, frozen, layout, objective, scheduler, prompts, draws)
+  updates, opt_state = tx.update(grads, state.opt_state, state.trained)
+  return TrainState(state.step + 1, optax.apply_updates(state.trained, updates), opt_state), {'loss': loss}
