@@ -22,6 +22,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Experiment
 COMMANDS = {
     'generate': commands.generate,
     'erase': commands.erase,
+    'dry_run': commands.dry_run,
 }
 
 

@@ -76,3 +76,39 @@ def erase(config: ml_collections.ConfigDict):
   write_trained_safetensors(path, result.trained, metadata={'esd_jax.run': json.dumps(result.metadata)})
   print(f'Erased weights ({len(result.trained)} tensors) in {path}')
   return result
+
+
+REFERENCE_CONFIGS = Path(__file__).parent / 'models' / 'reference_configs'
+
+
+def unet_config(model: str) -> dict:
+  """A UNet config.json without loading weights: a reference name (sd-v1-4, sd-v2-1, sdxl-base-1.0) or a
+  diffusers pipeline folder."""
+  from convert.diffusers_format import read_json
+
+  known = sorted(p.name for p in REFERENCE_CONFIGS.iterdir())
+  if model in known:
+    return read_json(REFERENCE_CONFIGS / model / 'unet' / 'config.json')
+  if Path(model).is_dir():
+    return read_json(Path(model) / 'unet' / 'config.json')
+  raise ValueError(f'dry_run reads the UNet config of a diffusers folder or of a reference model {known}; '
+                   f'{model!r} is neither.')
+
+
+def dry_run(config: ml_collections.ConfigDict) -> dict:
+  """Prints what the erasure would train: tensors, parameters and Adam state bytes, from the config alone."""
+  from esd_jax.methods import summary
+  from esd_jax.models import build_abstract
+  from esd_jax.models.state_dict import param_shapes
+
+  from esd_jax.tiny import UNET
+
+  shapes = param_shapes(build_abstract(UNET if config.model == 'tiny-random' else unet_config(config.model)))
+  info = summary(shapes, config.erase.method, config.erase.patterns)
+  print(f'model            {config.model}')
+  print(f'method           {config.erase.method}')
+  print(f'trained tensors  {info["tensors"]:,} of {info["total_tensors"]:,}')
+  print(f'trained params   {info["parameters"]:,} of {info["total_parameters"]:,} '
+        f'({100 * info["parameters"] / info["total_parameters"]:.2f} %)')
+  print(f'Adam state       {info["optimizer_state_bytes"] / 2**20:,.1f} MiB (fp32 mu and nu)')
+  return info

@@ -6,6 +6,7 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 from flax import nnx
 
 # config.json `_class_name` (diffusers) or `architectures[0]` (transformers) → module:class.
@@ -32,8 +33,14 @@ def class_name_of(config: Mapping[str, Any]) -> str:
 
 
 def build(config: Mapping[str, Any], *, seed: int = 0, source: str = 'config.json') -> nnx.Module:
-  """A randomly initialised model of the class and shape that `config` describes."""
-  return model_class(class_name_of(config))(config, rngs=nnx.Rngs(seed), source=source)
+  """A randomly initialised model of the class and shape that `config` describes.
+
+  Initialised inside one `jit`: eagerly, every parameter shape would compile its own random kernel.
+  """
+  cls = model_class(class_name_of(config))
+  make = lambda: cls(config, rngs=nnx.Rngs(seed), source=source)
+  graphdef = nnx.graphdef(nnx.eval_shape(make))
+  return nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()))())
 
 
 def build_abstract(config: Mapping[str, Any], *, source: str = 'config.json') -> nnx.Module:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from esd_jax.models.config import ConfigError, read_config
-from esd_jax.models.layers import Embedding, LayerNorm, Linear, activation
+from esd_jax.models.layers import Embedding, LayerNorm, Linear, ParamKeys, activation
 
 _DEFAULTS = {
     'vocab_size': 49408,
@@ -178,6 +178,7 @@ class CLIPTextModel(nnx.Module):
 
   def __init__(self, config: Mapping[str, Any], *, rngs: nnx.Rngs, source: str = 'config.json'):
     self.config = _read('CLIPTextModel', config, source)
+    rngs = ParamKeys(rngs)
     self.text_model = CLIPTextTransformer(self.config, rngs=rngs)
 
   def __call__(self, input_ids: jax.Array, *, dtype: jnp.dtype = jnp.float32) -> CLIPTextOutput:
@@ -191,6 +192,7 @@ class CLIPTextModelWithProjection(nnx.Module):
   def __init__(self, config: Mapping[str, Any], *, rngs: nnx.Rngs, source: str = 'config.json'):
     self.config = _read('CLIPTextModelWithProjection', config, source,
                         projection_dim=lambda v: isinstance(v, int) and v > 0)
+    rngs = ParamKeys(rngs)
     self.text_model = CLIPTextTransformer(self.config, rngs=rngs)
     self.text_projection = Linear(self.config['hidden_size'], self.config['projection_dim'], bias=False,
                                   rngs=rngs)

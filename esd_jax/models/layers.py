@@ -20,6 +20,25 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+class ParamKeys:
+  """Stands in for `nnx.Rngs` while a model's layers draw their initial values: `params()` folds a
+  Python counter into one key drawn from the caller's Rngs, so initialisation stays seeded by it.
+
+  Why: every `nnx.Rngs` draw writes its counter Variable, and under tracing (`nnx.eval_shape`, i.e.
+  every abstract build before a checkpoint load) flax's `Variable.set_value` probes `tracer.sharding`,
+  whose error message JAX builds by scanning the whole trace so far. That is quadratic in the number of
+  parameters: 47 s to build SDXL's 1,680 tensors abstractly, against 3.6 s with this.
+  """
+
+  def __init__(self, rngs: nnx.Rngs):
+    self._key = rngs.params()
+    self._count = 0
+
+  def params(self) -> jax.Array:
+    self._count += 1
+    return jax.random.fold_in(self._key, self._count)
+
+
 def _uniform(rngs: nnx.Rngs, shape, bound: float) -> jax.Array:
   return jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
 

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from esd_jax.models.config import ConfigError, read_config
-from esd_jax.models.layers import Attention, Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
+from esd_jax.models.layers import (Attention, Conv2d, Downsample2D, GroupNorm, ParamKeys, ResnetBlock2D,
+                                   Upsample2D)
 
 _DEFAULTS = {
     'in_channels': 3,
@@ -178,6 +179,7 @@ class AutoencoderKL(nnx.Module):
 
   def __init__(self, config: Mapping[str, Any], *, rngs: nnx.Rngs, source: str = 'config.json'):
     self.config = read_config('AutoencoderKL', config, _DEFAULTS, _SUPPORTED, source=source)
+    rngs = ParamKeys(rngs)
     c = self.config
     lengths = {k: len(c[k]) for k in ('block_out_channels', 'down_block_types', 'up_block_types')}
     if len(set(lengths.values())) != 1:

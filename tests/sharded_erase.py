@@ -1,0 +1,34 @@
+"""Runs a short erasure on N emulated CPU devices and saves the trained tensors (for tests/test_train.py).
+
+    python tests/sharded_erase.py DEVICES DATA FSDP MODEL WORKDIR OUT.npz
+"""
+
+import os
+import sys
+
+devices, data, fsdp, model, workdir, out = sys.argv[1:]
+os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'  # before jax is imported
+os.environ['JAX_PLATFORMS'] = 'cpu'
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs.default import get_config  # noqa: E402
+from esd_jax.train import erase  # noqa: E402
+
+config = get_config()
+config.model, config.workdir = model, workdir
+config.erase.method, config.erase.ddim_steps = 'esd-x', 4
+config.train.iterations, config.train.checkpoint_every, config.train.batch_size = 10, 100, 2
+config.train.learning_rate = 1e-4
+config.mesh.data, config.mesh.fsdp, config.mesh.min_shard_size = int(data), int(fsdp), 2048
+result = erase(config, progress=False)
+assert jax.device_count() == int(devices)
+split = {}
+for k, v in result.trained.items():
+  shards = {tuple(s.data.shape) for s in v.addressable_shards}
+  split[k] = int(len(v.sharding.device_set) > 1 and shards != {v.shape})
+np.savez(out, **{k: np.asarray(v) for k, v in result.trained.items()},
+         **{'split/' + k: np.int32(s) for k, s in split.items()},
+         **{'spec/' + k: str(v.sharding.spec) for k, v in result.trained.items()})

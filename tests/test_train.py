@@ -1,0 +1,107 @@
+"""ESD runs: sharding over a mesh, kill-and-resume, and bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from configs.default import get_config
+from esd_jax.tiny import random_pipeline
+from esd_jax.train import RunError, erase
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def model(tmp_path_factory):
+  folder = tmp_path_factory.mktemp('model') / 'pipe'
+  random_pipeline(folder)
+  return folder
+
+
+def _config(model, workdir, **train):
+  config = get_config()
+  config.model, config.workdir = str(model), str(workdir)
+  config.erase.ddim_steps = 10
+  config.train.update({'iterations': 4, 'checkpoint_every': 2, **train})
+  return config
+
+
+def test_sharded_run_equals_single_device_and_splits_tensors(model, tmp_path):
+  def run(devices, data, fsdp):
+    out = tmp_path / f'{devices}.npz'
+    subprocess.run([sys.executable, str(ROOT / 'tests' / 'sharded_erase.py'), str(devices), str(data), str(fsdp),
+                    str(model), str(tmp_path / f'w{devices}'), str(out)], check=True, timeout=600, cwd=tmp_path)
+    return np.load(out)
+
+  one, eight = run(1, 1, 1), run(8, 2, 4)
+  keys = [k for k in one.files if '/' not in k]
+  assert len(keys) == 20  # esd-x on the small UNet
+  flat = lambda run: np.concatenate([np.ravel(run[k]) for k in keys])
+  assert np.linalg.norm(flat(eight) - flat(one)) / np.linalg.norm(flat(one)) <= 1e-5
+  split = [k for k in keys if eight['split/' + k]]
+  large = [k for k in keys if one[k].size >= 2048]
+  assert split and set(split) == set(large)  # every large tensor lives in pieces, the others replicated
+  assert all('fsdp' in str(eight['spec/' + k]) for k in split)
+  assert not any(one['split/' + k] for k in keys)
+
+
+def _erase_cli(model, workdir, iterations):
+  return [sys.executable, str(ROOT / 'main.py'), 'erase', f'--config.model={model}', f'--config.workdir={workdir}',
+          f'--config.train.iterations={iterations}', '--config.train.checkpoint_every=2',
+          '--config.erase.ddim_steps=4', '--config.train.learning_rate=1e-4']
+
+
+def test_sigkill_then_resume_equals_uninterrupted(model, tmp_path):
+  full = subprocess.run(_erase_cli(model, tmp_path / 'full', 6), capture_output=True, text=True, timeout=600)
+  assert full.returncode == 0, full.stderr[-2000:]
+  proc = subprocess.Popen(_erase_cli(model, tmp_path / 'killed', 6), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)
+  checkpoint = tmp_path / 'killed' / 'checkpoints' / '2'
+  deadline = time.time() + 500
+  while not checkpoint.is_dir() and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert checkpoint.is_dir(), 'the run ended before its step-2 checkpoint'
+  done = len((tmp_path / 'killed' / 'metrics.jsonl').read_text().splitlines())
+  assert done < 6, 'the run was not interrupted'
+  resumed = subprocess.run(_erase_cli(model, tmp_path / 'killed', 6), capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert 'Resumed from step' in resumed.stderr
+  a = load_file(tmp_path / 'full' / 'erased' / 'unet_trained.safetensors')
+  b = load_file(tmp_path / 'killed' / 'erased' / 'unet_trained.safetensors')
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  steps = [line for line in (tmp_path / 'killed' / 'metrics.jsonl').read_text().splitlines()]
+  assert len(steps) == 6  # lines past the restored checkpoint were dropped, then written again
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(model, tmp_path):
+  config = _config(model, tmp_path, learning_rate=1e30, checkpoint_every=1, iterations=5)
+  with pytest.raises(RunError, match=r'Iteration 2: the loss is (nan|inf)\. .*last good checkpoint is step 1'):
+    erase(config, progress=False)
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1']
+
+
+def test_bad_input(model, tmp_path):
+  config = _config(model, tmp_path)
+  config.erase.concepts = ('  ',)
+  with pytest.raises(RunError, match='every concept must be a non-empty prompt'):
+    erase(config, progress=False)
+  (tmp_path / 'file').write_text('')
+  config = _config(model, tmp_path / 'file' / 'run')
+  with pytest.raises(RunError, match='is not writable'):
+    erase(config, progress=False)
+  config = _config(model, tmp_path / 'run')
+  config.erase.method = 'esd-q'
+  with pytest.raises(ValueError, match="Unknown train method 'esd-q'. Valid methods"):
+    erase(config, progress=False)
+  config.erase.method, config.erase.patterns = 'patterns', ('nothing_matches',)
+  with pytest.raises(ValueError, match='selects no UNet parameter'):
+    erase(config, progress=False)
