@@ -23,6 +23,8 @@ COMMANDS = {
     'generate': commands.generate,
     'erase': commands.erase,
     'dry_run': commands.dry_run,
+    'export': commands.export,
+    'compare': commands.compare,
 }
 
 

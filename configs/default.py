@@ -48,6 +48,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh.min_shard_size = 2 ** 18  # tensors smaller than this (elements) are replicated
   config.mesh.distributed = False  # multi-host (TPU pod): call jax.distributed.initialize() first
 
+  # The erased model: `erase` writes export.formats to workdir/erased; `export` writes them to workdir/export
+  # for any ESD weights file (export.weights), `compare` renders original vs erased with the generate settings.
+  config.export = ml_collections.ConfigDict()
+  config.export.formats = ('trained',)  # trained | unet | diffusers | single_file (see convert/export.py)
+  config.export.dtype = 'fp32'  # fp32 | fp16 | bf16
+  config.export.weights = ''  # ESD weights (ours or the authors' .pt/.safetensors); '' = workdir's erasure
+
   config.generate = ml_collections.ConfigDict()
   config.generate.prompts = ('a photo of a cat', 'a painting of a church', 'a photo of a car')
   config.generate.negative_prompt = ''

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -39,14 +38,19 @@ def compute_dtype(name: str):
   return _COMPUTE_DTYPES[name]
 
 
+def _sampling(g: ml_collections.ConfigDict) -> dict:
+  """text_to_image settings from the config's generate section."""
+  return dict(negative_prompt=g.negative_prompt, guidance_scale=g.guidance_scale, num_inference_steps=g.steps,
+              height=g.height or None, width=g.width or None, eta=g.eta, dtype=compute_dtype(g.dtype),
+              scheduler=None if g.scheduler == 'config' else g.scheduler)
+
+
 def generate(config: ml_collections.ConfigDict) -> Path:
   """Writes one PNG per prompt and seed, and a grid (rows: prompts, columns: seeds), to workdir/generate."""
   g = config.generate
   out = Path(config.workdir) / 'generate'
   pipe = load_model(config)
-  kwargs = dict(negative_prompt=g.negative_prompt, guidance_scale=g.guidance_scale, num_inference_steps=g.steps,
-                height=g.height or None, width=g.width or None, eta=g.eta, dtype=compute_dtype(g.dtype),
-                scheduler=None if g.scheduler == 'config' else g.scheduler)
+  kwargs = _sampling(g)
   rows = []
   start = time.perf_counter()
   for seed in tqdm(g.seeds, desc='generate', unit='seed'):
@@ -67,15 +71,60 @@ def _slug(text: str) -> str:
 
 
 def erase(config: ml_collections.ConfigDict):
-  """Trains (or resumes) the erasure and saves the trained tensors to workdir/erased."""
-  from convert.esd_weights import write_trained_safetensors
+  """Trains (or resumes) the erasure, then writes the erased model to workdir/erased in export.formats."""
+  from convert.export import export
   from esd_jax.train import erase as run
 
   result = run(config)
-  path = Path(config.workdir) / 'erased' / 'unet_trained.safetensors'
-  write_trained_safetensors(path, result.trained, metadata={'esd_jax.run': json.dumps(result.metadata)})
-  print(f'Erased weights ({len(result.trained)} tensors) in {path}')
+  paths = export(result.pipe, result.trained, Path(config.workdir) / 'erased', config.export.formats,
+                 dtype=config.export.dtype, metadata=result.metadata)
+  for fmt, path in paths.items():
+    print(f'Erased model ({fmt}): {path}')
   return result
+
+
+def _weights(config: ml_collections.ConfigDict):
+  """The ESD weights that `export` and `compare` use: export.weights, or this workdir's erasure."""
+  from convert.esd_weights import read_esd_weights
+
+  path = config.export.weights or Path(config.workdir) / 'erased' / 'unet_trained.safetensors'
+  if not Path(path).is_file():
+    raise FileNotFoundError(f'{path}: no ESD weights. Run `erase` with this workdir first, or point '
+                            '--config.export.weights at a weights file (ours or the authors\' .pt/.safetensors).')
+  return read_esd_weights(path)
+
+
+def export(config: ml_collections.ConfigDict) -> dict:
+  """Writes the base model with ESD weights applied to workdir/export, in every format of export.formats."""
+  from convert.export import export as write
+
+  weights = _weights(config)
+  paths = write(load_model(config), weights, Path(config.workdir) / 'export', config.export.formats,
+                dtype=config.export.dtype, metadata={'weights': weights.source, **weights.metadata})
+  for fmt, path in paths.items():
+    print(f'{fmt}: {path}')
+  return paths
+
+
+def compare(config: ml_collections.ConfigDict) -> Path:
+  """Original vs erased, side by side, for generate.prompts × generate.seeds: workdir/compare/grid.png."""
+  from convert.export import erased_pipeline
+
+  g = config.generate
+  pipe = load_model(config)
+  weights = _weights(config)
+  models = {'original': pipe, 'erased': erased_pipeline(pipe, weights)}
+  columns, labels = [], []
+  for seed in tqdm(g.seeds, desc='compare', unit='seed'):
+    for name, model in models.items():
+      batch, _ = text_to_image(model, list(g.prompts), seed=seed, **_sampling(g))
+      columns.append(np.asarray(batch))
+      labels.append(f'{name} {seed}')
+  rows = [[column[i] for column in columns] for i in range(len(g.prompts))]
+  path = images.save_grid(Path(config.workdir) / 'compare' / 'grid.png', rows, row_labels=list(g.prompts),
+                          col_labels=labels, scale=max(1, 128 // rows[0][0].shape[0]))
+  print(f'Original vs erased ({weights.source}): {path}')
+  return path
 
 
 REFERENCE_CONFIGS = Path(__file__).parent / 'models' / 'reference_configs'

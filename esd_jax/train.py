@@ -35,11 +35,12 @@ class RunError(RuntimeError):
 
 @dataclasses.dataclass
 class Erased:
-  """The result of a run: the trained tensors (diffusers keys) and what produced them."""
+  """The result of a run: the trained tensors (diffusers keys), what produced them, and the base pipeline."""
 
   trained: dict[str, jax.Array]
   metadata: dict[str, Any]
   workdir: Path
+  pipe: StableDiffusion
 
 
 def concept_list(erase: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
@@ -211,4 +212,5 @@ def erase(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None
     log.close()
     manager.wait_until_finished()
     manager.close()
-  return Erased(trained=dict(state.trained), metadata={**metadata, 'iterations': t.iterations}, workdir=workdir)
+  return Erased(trained=dict(state.trained), metadata={**metadata, 'iterations': t.iterations}, workdir=workdir,
+                pipe=pipe)

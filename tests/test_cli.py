@@ -33,3 +33,10 @@ def test_bad_command_and_unknown_field(tmp_path):
   assert result.returncode != 0 and "Unknown command 'erase-everything'" in result.stderr
   result = _main('generate', '--config.generate.stepz=3', cwd=tmp_path)
   assert result.returncode != 0 and 'stepz' in result.stderr
+
+
+def test_dry_run_from_a_config_file_reproduces_the_spec(tmp_path):
+  result = _main('dry_run', f'--config={ROOT / "configs" / "sd14_esd_u.py"}', '--config.model=sd-v1-4', cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'trained tensors  598 of 686' in result.stdout
+  assert 'trained params   813,495,680 of 859,520,964' in result.stdout

@@ -1,0 +1,192 @@
+"""A small CNN that names the shape and the colour of a shapes-world image: the judge of generations.
+
+It measures what a text-to-image model draws before and after an erasure, so it must stay right on
+imperfect images: it trains on freshly drawn images (never the same batch twice) degraded on the fly by a
+random gaussian blur, colour jitter and pixel noise, with shapes somewhat smaller, larger and further out
+than the world allows (a generation that draws a square too big is still a square). It is saved as a
+folder with `config.json` and `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from convert.files import SafetensorsReader, atomic_path, write_json, write_safetensors
+from esd_jax import shapes
+from esd_jax.models.config import read_config
+from esd_jax.models.layers import Conv2d, GroupNorm, Linear, ParamKeys
+from esd_jax.models.state_dict import abstract, load_state_dict, state_dict
+
+CLASS_NAME = 'ShapesClassifier'
+_DEFAULTS = {'_class_name': CLASS_NAME, 'block_out_channels': (16, 32, 64, 64), 'hidden': 64, 'norm_num_groups': 8,
+             'image_size': shapes.SIZE}
+_SUPPORTED = {'_class_name': [CLASS_NAME], 'image_size': [shapes.SIZE],
+              'block_out_channels': lambda c: len(c) >= 1 and all(int(x) > 0 for x in c)}
+
+# Training-time layouts: sides and positions beyond the world's 24…44 px and 4…59 px box.
+TRAIN_SIDES = (16, 52)
+EVAL_SEED = 2_000_003  # held-out images: a seed no training run in this project uses
+
+
+class ShapesClassifier(nnx.Module):
+  """Stride-2 conv blocks (conv → GroupNorm → SiLU), mean- and max-pooled, then a shared hidden layer and two
+  heads: `shape_head` (logits over shapes.SHAPES) and `colour_head` (logits over shapes.COLOURS).
+
+  Takes NHWC float images in [0, 1].
+  """
+
+  def __init__(self, config: Mapping[str, Any], *, rngs: nnx.Rngs, source: str = 'config.json'):
+    self.config = read_config(CLASS_NAME, config, _DEFAULTS, _SUPPORTED, source=source)
+    rngs = ParamKeys(rngs)
+    c = self.config
+    widths = [3, *c['block_out_channels']]
+    self.convs = nnx.List([Conv2d(a, b, 3, stride=2, padding=1, rngs=rngs) for a, b in zip(widths, widths[1:])])
+    self.norms = nnx.List([GroupNorm(c['norm_num_groups'], b) for b in widths[1:]])
+    self.hidden = Linear(2 * widths[-1], c['hidden'], rngs=rngs)
+    self.shape_head = Linear(c['hidden'], len(shapes.SHAPES), rngs=rngs)
+    self.colour_head = Linear(c['hidden'], len(shapes.COLOURS), rngs=rngs)
+
+  def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(shape logits, colour logits) of float images in [0, 1]."""
+    x = images * 2 - 1
+    for conv, norm in zip(self.convs, self.norms):
+      x = jax.nn.silu(norm(conv(x)))
+    # Mean and max pooling: the features say what is drawn, wherever it is.
+    h = jax.nn.silu(self.hidden(jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], axis=-1)))
+    return self.shape_head(h), self.colour_head(h)
+
+
+def build_classifier(config: Mapping[str, Any] | None = None, *, seed: int = 0) -> ShapesClassifier:
+  return ShapesClassifier(dict(config or {}), rngs=nnx.Rngs(seed))
+
+
+def _blur(images: jax.Array, sigma: jax.Array, radius: int = 4) -> jax.Array:
+  """Separable gaussian blur with one sigma per image (σ → 0 leaves the image as it is); edges replicate,
+  so the white border stays white."""
+  taps = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  w = jnp.exp(-0.5 * jnp.square(taps / jnp.maximum(sigma, 1e-3)[:, None]))
+  w = w / w.sum(-1, keepdims=True)  # (B, taps)
+  n = images.shape[1]
+  for axis in (1, 2):
+    padded = jnp.pad(images, [(radius, radius) if a == axis else (0, 0) for a in range(4)], mode='edge')
+    shifted = [jax.lax.slice_in_dim(padded, t, t + n, axis=axis) for t in range(2 * radius + 1)]
+    images = sum(w[:, t, None, None, None] * s for t, s in enumerate(shifted))
+  return images
+
+
+def augment(key: jax.Array, images: jax.Array) -> jax.Array:
+  """Degrades float images in [0, 1] the ways a generated image may be imperfect: blur (σ up to 1.6 px on
+  70 % of images), colour jitter (per channel ±8 % gain and ±0.06 offset) and gaussian noise (σ up to 0.1)."""
+  b = images.shape[0]
+  k = jax.random.split(key, 6)
+  sigma = jax.random.uniform(k[0], (b,), maxval=1.6) * jax.random.bernoulli(k[1], 0.7, (b,))
+  x = _blur(images, sigma)
+  gain = 1 + jax.random.uniform(k[2], (b, 1, 1, 3), minval=-0.08, maxval=0.08)
+  offset = jax.random.uniform(k[3], (b, 1, 1, 3), minval=-0.06, maxval=0.06)
+  noise = jax.random.uniform(k[4], (b, 1, 1, 1), maxval=0.1) * jax.random.normal(k[5], x.shape)
+  return jnp.clip(x * gain + offset + noise, 0, 1)
+
+
+def training_batch(rng: np.random.Generator, n: int):
+  """n fresh drawings (uint8) with their shape and colour ids, sides in TRAIN_SIDES anywhere on the canvas."""
+  shape_ids = rng.integers(0, len(shapes.SHAPES), n)
+  colour_ids = rng.integers(0, len(shapes.COLOURS), n)
+  sides = rng.integers(TRAIN_SIDES[0], TRAIN_SIDES[1] + 1, n)
+  positions = rng.integers(0, shapes.SIZE - sides[:, None] + 1, (n, 2))
+  return shapes.draw(shape_ids, colour_ids, sides, positions), shape_ids, colour_ids
+
+
+def _loss(model: ShapesClassifier, images, shape_ids, colour_ids):
+  shape_logits, colour_logits = model(images)
+  return (optax.softmax_cross_entropy_with_integer_labels(shape_logits, shape_ids).mean()
+          + optax.softmax_cross_entropy_with_integer_labels(colour_logits, colour_ids).mean())
+
+
+def train_classifier(steps: int = 1500, seed: int = 0, *, batch_size: int = 64, learning_rate: float = 3e-3,
+                     config: Mapping[str, Any] | None = None,
+                     log: Callable[[str], None] | None = print) -> ShapesClassifier:
+  """Trains a classifier from `seed` on freshly drawn, augmented images with Adam (warm-up, cosine decay).
+
+  Deterministic for a given (steps, seed, batch_size, learning_rate, config) on a given backend.
+  """
+  model = build_classifier(config, seed=seed)
+  graphdef, params = nnx.split(model)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 20), max(1, steps))
+  tx = optax.adam(schedule)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, key, images, shape_ids, colour_ids):
+    x = augment(key, images.astype(jnp.float32) / 255)
+    loss, grads = jax.value_and_grad(lambda p: _loss(nnx.merge(graphdef, p), x, shape_ids, colour_ids))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  rng, key = np.random.default_rng(seed), jax.random.key(seed)
+  start = time.perf_counter()
+  for i in range(steps):
+    params, opt_state, loss = step(params, opt_state, jax.random.fold_in(key, i), *training_batch(rng, batch_size))
+    if log and (i + 1) % max(1, steps // 10) == 0:
+      log(f'classifier step {i + 1}/{steps}: loss {float(loss):.4f} ({time.perf_counter() - start:.0f} s)')
+  return nnx.merge(graphdef, params)
+
+
+@nnx.jit
+def _probs(model: ShapesClassifier, images: jax.Array):
+  shape_logits, colour_logits = model(images)
+  return jax.nn.softmax(shape_logits), jax.nn.softmax(colour_logits)
+
+
+def predict(model: ShapesClassifier, images, *, batch_size: int = 512):
+  """(shape_ids, colour_ids, shape_probs, colour_probs) of NHWC images: uint8 in 0…255, or floats in [0, 1]
+  (as pipelines return them). Ids index shapes.SHAPES and shapes.COLOURS; all results are numpy arrays."""
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f'predict: expected NHWC RGB images, got an array of shape {images.shape}.')
+  scale = 255.0 if images.dtype == np.uint8 else 1.0
+  probs = [_probs(model, jnp.asarray(images[i:i + batch_size], jnp.float32) / scale)
+           for i in range(0, len(images), batch_size)]
+  shape_probs = np.concatenate([np.asarray(p[0]) for p in probs])
+  colour_probs = np.concatenate([np.asarray(p[1]) for p in probs])
+  return shape_probs.argmax(-1), colour_probs.argmax(-1), shape_probs, colour_probs
+
+
+def evaluate(model: ShapesClassifier, n: int = 2000, *, seed: int = EVAL_SEED, augmented: bool = False
+             ) -> dict[str, float]:
+  """Shape and colour accuracy on n fresh world images from `seed` (optionally degraded by `augment`)."""
+  images, shape_ids, colour_ids, _ = shapes.sample(seed, n)
+  if augmented:
+    images = np.asarray(augment(jax.random.key(seed), jnp.asarray(images, jnp.float32) / 255))
+  pred_shape, pred_colour, _, _ = predict(model, images)
+  return {'shape': float(np.mean(pred_shape == shape_ids)), 'colour': float(np.mean(pred_colour == colour_ids))}
+
+
+def save_classifier(model: ShapesClassifier, folder: str | os.PathLike) -> None:
+  """Writes `folder/config.json` and `folder/model.safetensors` (fp32), atomically as one folder."""
+  with atomic_path(folder) as tmp:
+    tmp.mkdir()
+    write_json(tmp / 'config.json', dict(model.config))
+    write_safetensors(tmp / 'model.safetensors', state_dict(model))
+
+
+def load_classifier(folder: str | os.PathLike) -> ShapesClassifier:
+  """The classifier saved in `folder` by save_classifier."""
+  folder = Path(folder)
+  config_path = folder / 'config.json'
+  if not config_path.is_file():
+    raise FileNotFoundError(f'{config_path}: no classifier config here; pass the folder save_classifier wrote.')
+  config = json.loads(config_path.read_text())
+  model = abstract(lambda: ShapesClassifier(config, rngs=nnx.Rngs(0), source=str(config_path)))
+  with SafetensorsReader(folder / 'model.safetensors') as tensors:
+    return load_state_dict(model, tensors, source=str(folder / 'model.safetensors'))

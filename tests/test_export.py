@@ -1,0 +1,85 @@
+"""Every export format loads in its consumer and computes what our erased UNet computes."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.numpy import load_file
+
+import convert
+from convert.export import FORMATS, erased_pipeline, export
+from convert.single_file import load_single_file
+from esd_jax.methods import trained_keys
+from esd_jax.models.state_dict import state_dict
+from tests import torch_pipelines
+from tests.reference import nchw, nhwc, rel_err
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('export')
+  torch_pipelines.make_sd(tmp)
+  pipe = convert.load_pipeline(tmp / 'pipe')
+  base = state_dict(pipe.unet)
+  rng = np.random.default_rng(0)
+  # Stand-in for an erasure: the esd-x tensors moved well away from the base.
+  trained = {k: np.asarray(base[k]) + 0.05 * rng.standard_normal(base[k].shape).astype(np.float32)
+             for k in trained_keys(base, 'esd-x')}
+  paths = export(pipe, trained, tmp / 'out', FORMATS, metadata={'concept': 'a cat'})
+  return tmp, pipe, erased_pipeline(pipe, trained), trained, paths
+
+
+def _inputs():
+  rng = np.random.default_rng(1)
+  return (rng.standard_normal((2, 16, 16, 4)).astype(np.float32), np.array([10, 700]),
+          rng.standard_normal((2, 16, 32)).astype(np.float32))
+
+
+def _ours(erased):
+  x, t, ctx = _inputs()
+  return np.asarray(erased.unet(x, t, ctx))
+
+
+def _theirs(unet):
+  x, t, ctx = _inputs()
+  return nhwc(unet(torch.from_numpy(nchw(x)), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(ctx)).sample)
+
+
+def test_erasure_changes_the_unet(exported):
+  _, pipe, erased, _, _ = exported
+  x, t, ctx = _inputs()
+  assert rel_err(np.asarray(pipe.unet(x, t, ctx)), _ours(erased)) > 1e-2
+
+
+def test_diffusers_pipeline_and_unet_folders(exported):
+  _, _, erased, _, paths = exported
+  want = _ours(erased)
+  pipe = StableDiffusionPipeline.from_pretrained(paths['diffusers'])
+  assert rel_err(_theirs(pipe.unet), want) <= 1e-4
+  assert rel_err(_theirs(UNet2DConditionModel.from_pretrained(paths['unet'])), want) <= 1e-4
+
+
+def test_trained_subset_loads_non_strict(exported):
+  tmp, _, erased, trained, paths = exported
+  unet = UNet2DConditionModel.from_pretrained(tmp / 'pipe' / 'unet')
+  result = unet.load_state_dict({k: torch.from_numpy(v) for k, v in load_file(paths['trained']).items()},
+                                strict=False)
+  assert not result.unexpected_keys and len(result.missing_keys) == len(unet.state_dict()) - len(trained)
+  assert rel_err(_theirs(unet), _ours(erased)) <= 1e-4
+
+
+def test_single_file_round_trip_and_diffusers_single_file_loader(exported):
+  tmp, _, erased, _, paths = exported
+  again = load_single_file(paths['single_file'])
+  want, got = state_dict(erased.unet), state_dict(again.unet)
+  assert all(np.array_equal(want[k], got[k]) for k in want)
+  # diffusers' own loader, offline: configs from the local pipeline folder, weights mapped by its converters.
+  pipe = StableDiffusionPipeline.from_single_file(str(paths['single_file']), config=str(tmp / 'pipe'),
+                                                  local_files_only=True)
+  assert rel_err(_theirs(pipe.unet), _ours(erased)) <= 1e-4
+
+
+def test_unknown_format(exported):
+  tmp, pipe, _, trained, _ = exported
+  with pytest.raises(ValueError, match=r"Unknown export format\(s\) \['onnx'\]"):
+    export(pipe, trained, tmp / 'x', ['onnx'])
