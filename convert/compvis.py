@@ -51,17 +51,14 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import struct
-import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from convert import files
@@ -706,38 +703,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str]
   return tensors, dict(reader.metadata)
 
 
-def _torch_array(t) -> np.ndarray:
-  import torch
-  t = t.detach().cpu()
-  if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits as ml_dtypes'
-    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-  return t.numpy()
-
-
 def _read_torch(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(f'{path}: reading a pickled PyTorch checkpoint needs torch (pip install torch), or '
-                      'convert the file to .safetensors first.') from e
-  with open(path, 'rb') as f:
-    legacy = f.read(2) == b'\x80\x02'  # torch's pre-zip format starts with a protocol-2 pickle
-  if not (legacy or zipfile.is_zipfile(path)):
-    raise ValueError(f'{path}: not a readable PyTorch checkpoint (neither a zip archive nor a legacy torch '
-                     'pickle). The file is corrupt or truncated (an interrupted download?), or not a '
-                     'checkpoint.')
-  try:
-    obj = torch.load(path, map_location='cpu', weights_only=True, mmap=not legacy)
-  except pickle.UnpicklingError as e:
-    raise ValueError(f'{path}: holds pickled objects other than tensors, which are not loaded for safety '
-                     f'(weights_only=True): {e}. Convert it to .safetensors with a trusted tool.') from e
-  except Exception as e:
-    raise ValueError(f'{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}). The file is '
-                     'corrupt or truncated.') from e
-  sd = obj.get('state_dict', obj) if isinstance(obj, dict) else None
-  if not isinstance(sd, dict):
-    raise ValueError(f'{path}: holds a {type(obj).__name__}, not a state dict.')
-  return {k: LazyTensor(lambda t=t: _torch_array(t), t.shape, _torch_array(t.reshape(-1)[:0]).dtype)
+  sd = files.load_torch_checkpoint(path)  # first: it explains a missing torch
+  import torch
+  return {k: LazyTensor(lambda t=t: files.torch_array(t), t.shape, files.torch_array(t.reshape(-1)[:0]).dtype)
           for k, t in sd.items() if isinstance(t, torch.Tensor)}, {}
 
 

@@ -27,8 +27,6 @@ only for the pickled formats.
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,7 +37,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from convert import compvis
+from convert import compvis, files
 from convert.compvis import LazyTensor
 from convert.files import atomic_path, np_dtype, write_safetensors
 from esd_jax.models.state_dict import key_of, load_state_dict, state_dict
@@ -73,7 +71,7 @@ def read_esd_weights(path: str | os.PathLike) -> EsdWeights:
   if not path.is_file():
     raise FileNotFoundError(f'{path}: ESD weights file not found.')
   metadata: dict[str, str] = {}
-  if _is_torch_file(path):
+  if files.is_torch_file(path):
     tensors, kind = _read_torch(path)
   else:
     try:
@@ -204,13 +202,6 @@ def write_full_pt(path: str | os.PathLike, unet_state_dict: Mapping[str, Any] | 
 # torch plumbing.
 
 
-def _is_torch_file(path: Path) -> bool:
-  with open(path, 'rb') as f:
-    # torch's legacy format opens with a protocol-2 pickle of a long (its magic number).
-    legacy = f.read(3) == b'\x80\x02\x8a'
-  return legacy or zipfile.is_zipfile(path)
-
-
 def _import_torch(path: Path, what: str):
   try:
     import torch
@@ -222,20 +213,8 @@ def _import_torch(path: Path, what: str):
 
 def _read_torch(path: Path) -> tuple[dict[str, LazyTensor], str]:
   """A pickled state dict, flat ('pt') or nested by module ('demo'), as flat diffusers-keyed tensors."""
-  torch = _import_torch(path, 'Reading a pickled PyTorch checkpoint')
-  legacy = not zipfile.is_zipfile(path)
-  try:
-    obj = torch.load(path, map_location='cpu', weights_only=True, mmap=not legacy)
-  except pickle.UnpicklingError as e:
-    raise ValueError(f'{path}: holds pickled objects other than tensors, which are not loaded for safety '
-                     f'(weights_only=True): {e}. Convert it to .safetensors with a trusted tool.') from e
-  except Exception as e:
-    raise ValueError(f'{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}). The file is '
-                     'corrupt or truncated.') from e
-  if isinstance(obj, Mapping) and isinstance(obj.get('state_dict'), Mapping):
-    obj = obj['state_dict']
-  if not isinstance(obj, Mapping):
-    raise ValueError(f'{path}: holds a {type(obj).__name__}, not a state dict: not ESD weights.')
+  obj = files.load_torch_checkpoint(path)  # first: it explains a missing torch
+  import torch
   flat, nested, other = {}, {}, []
   for key, value in obj.items():
     if isinstance(value, torch.Tensor):
@@ -255,8 +234,8 @@ def _read_torch(path: Path) -> tuple[dict[str, LazyTensor], str]:
 
 def _lazy(t) -> LazyTensor:
   """A torch tensor as a LazyTensor: converted to numpy only when read (bf16 through ml_dtypes)."""
-  dtype = compvis._torch_array(t.reshape(-1)[:0]).dtype
-  return LazyTensor(lambda: compvis._torch_array(t), tuple(t.shape), dtype)
+  dtype = files.torch_array(t.reshape(-1)[:0]).dtype
+  return LazyTensor(lambda: files.torch_array(t), tuple(t.shape), dtype)
 
 
 def _dtype(dtype):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
+import zipfile
 import shutil
 import struct
 import tempfile
@@ -160,3 +162,48 @@ class SafetensorsReader(Mapping):
   def __exit__(self, *exc):
     self.close()
 
+
+
+def is_torch_file(path: Path) -> bool:
+  """A torch.save file: a zip archive, or the legacy format (a protocol-2 pickle of its magic number)."""
+  with open(path, 'rb') as f:
+    legacy = f.read(3) == b'\x80\x02\x8a'
+  return legacy or zipfile.is_zipfile(path)
+
+
+def load_torch_checkpoint(path: Path, what: str = 'Reading a pickled PyTorch checkpoint'):
+  """What torch.save wrote to `path`, with tensors only (weights_only=True): pickled code never runs.
+
+  Needs torch (an ImportError names the file otherwise); a corrupt or non-tensor pickle is a ValueError.
+  The state dict may sit under 'state_dict', as Lightning and CompVis save it.
+  """
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(f'{path}: {what} needs PyTorch (pip install torch); the .safetensors format does not '
+                      '(convert the file on a machine that has torch).') from e
+  if not is_torch_file(path):
+    raise ValueError(f'{path}: not a readable PyTorch checkpoint (neither a zip archive nor a legacy torch '
+                     'pickle). The file is corrupt or truncated (an interrupted download?), or not a checkpoint.')
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True, mmap=zipfile.is_zipfile(path))
+  except pickle.UnpicklingError as e:
+    raise ValueError(f'{path}: holds pickled objects other than tensors, which are not loaded for safety '
+                     f'(weights_only=True): {e}. Convert it to .safetensors with a trusted tool.') from e
+  except Exception as e:
+    raise ValueError(f'{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}). The file is '
+                     'corrupt or truncated.') from e
+  if isinstance(obj, Mapping) and isinstance(obj.get('state_dict'), Mapping):
+    obj = obj['state_dict']
+  if not isinstance(obj, Mapping):
+    raise ValueError(f'{path}: holds a {type(obj).__name__}, not a state dict.')
+  return obj
+
+
+def torch_array(t) -> np.ndarray:
+  """A torch tensor as numpy (bf16 reinterpreted as ml_dtypes' bfloat16, which numpy lacks)."""
+  import torch
+  t = t.detach().cpu()
+  if t.dtype == torch.bfloat16:
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return t.numpy()

@@ -370,7 +370,7 @@ def test_ckpt_without_torch(tmp_path, monkeypatch):
   ckpt = tmp_path / 'model.ckpt'
   ckpt.write_bytes(b'PK')
   monkeypatch.setitem(sys.modules, 'torch', None)
-  with pytest.raises(ImportError, match=f'{ckpt}.*needs torch'):
+  with pytest.raises(ImportError, match=f'{ckpt}.*needs PyTorch'):
     read_single_file(ckpt)
 
 

@@ -81,16 +81,17 @@ class MidBlock(nnx.Module):
     return self.resnets[1](x)
 
 
+def _resnets(in_channels: int, out_channels: int, n: int, groups: int, act_fn: str, rngs) -> nnx.List:
+  return nnx.List([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=None,
+                                 groups=groups, eps=_EPS, act_fn=act_fn, rngs=rngs) for i in range(n)])
+
+
 class DownEncoderBlock2D(nnx.Module):
   """Resnets, then (except in the last block) the VAE's asymmetric-padding stride-2 conv."""
 
   def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, groups: int, act_fn: str,
                add_downsample: bool, rngs: nnx.Rngs):
-    self.resnets = nnx.List([
-        ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=None,
-                      groups=groups, eps=_EPS, act_fn=act_fn, rngs=rngs)
-        for i in range(num_layers)
-    ])
+    self.resnets = _resnets(in_channels, out_channels, num_layers, groups, act_fn, rngs)
     self.downsamplers = nnx.List([Downsample2D(out_channels, padding=0, rngs=rngs)] if add_downsample else [])
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -106,11 +107,7 @@ class UpDecoderBlock2D(nnx.Module):
 
   def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, groups: int, act_fn: str,
                add_upsample: bool, rngs: nnx.Rngs):
-    self.resnets = nnx.List([
-        ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=None,
-                      groups=groups, eps=_EPS, act_fn=act_fn, rngs=rngs)
-        for i in range(num_layers)
-    ])
+    self.resnets = _resnets(in_channels, out_channels, num_layers, groups, act_fn, rngs)
     self.upsamplers = nnx.List([Upsample2D(out_channels, rngs=rngs)] if add_upsample else [])
 
   def __call__(self, x: jax.Array) -> jax.Array:
