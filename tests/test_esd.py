@@ -96,3 +96,25 @@ def test_step_matches_pytorch_reference(convention, method, erase_from):
   assert rel_err(flat(after), flat(want['params_after'])) <= 1e-4
   assert any(np.abs(np.asarray(after[k]) - np.asarray(ours_param)).max() > 0  # the step did move the weights
              for k, ours_param in split_flat(ours)[1].items() if k in keys)
+
+
+def test_several_concepts_draw_one_per_iteration():
+  """With concepts [c0, c1] and the draw picking c1, the step is exactly the step of c1 alone."""
+  _, ours, emb, x_T = _setup()
+  layout, frozen = split_flat(ours)
+  objective = esd.Objective(convention='diffusers-v2', negative_guidance=ETA, ddim_steps=4)
+  scheduler = objective.scheduler(SCHEDULER)
+  trained = {k: frozen[k] for k in trained_keys(frozen, 'esd-x-strict')}
+  loss_fn = jax.jit(functools.partial(esd.esd_loss, layout=layout, objective=objective, scheduler=scheduler))
+  uncond = Conditioning(jnp.asarray(emb['uncond']))
+  pair = Conditioning(jnp.concatenate([jnp.asarray(emb['concept']), jnp.asarray(emb['from'])]))
+  alone = Conditioning(jnp.asarray(emb['from']))
+  draws = lambda concept: esd.Draws(jnp.asarray(x_T), jnp.int32(2), jnp.int32(scheduler.timestep(2, 4)),
+                                    jnp.int32(concept))
+  no_from = jnp.zeros((2,), bool)
+  loss_pair, x_pair = loss_fn(trained, frozen, prompts=esd.Prompts(uncond, pair, None, no_from), draws=draws(1))
+  loss_alone, x_alone = loss_fn(trained, frozen, prompts=esd.Prompts(uncond, alone, None, no_from[:1]),
+                                draws=draws(0))
+  loss_other, _ = loss_fn(trained, frozen, prompts=esd.Prompts(uncond, pair, None, no_from), draws=draws(0))
+  assert float(loss_pair) == float(loss_alone) and np.array_equal(x_pair, x_alone)
+  assert float(loss_other) != float(loss_pair)
