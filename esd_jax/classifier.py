@@ -29,9 +29,9 @@ from esd_jax.models.layers import Conv2d, GroupNorm, Linear, ParamKeys
 from esd_jax.models.state_dict import abstract, load_state_dict, state_dict
 
 CLASS_NAME = 'ShapesClassifier'
-_DEFAULTS = {'_class_name': CLASS_NAME, 'block_out_channels': (16, 32, 64, 64), 'hidden': 64, 'norm_num_groups': 8,
-             'image_size': shapes.SIZE}
-_SUPPORTED = {'_class_name': [CLASS_NAME], 'image_size': [shapes.SIZE],
+_DEFAULTS = {'_class_name': CLASS_NAME, 'block_out_channels': (16, 32, 64, 64), 'hidden': 64,
+             'norm_num_groups': 8}
+_SUPPORTED = {'_class_name': [CLASS_NAME],
               'block_out_channels': lambda c: len(c) >= 1 and all(int(x) > 0 for x in c)}
 
 # Training-time layouts: sides and positions beyond the world's 24…44 px and 4…59 px box.
@@ -40,8 +40,8 @@ EVAL_SEED = 2_000_003  # held-out images: a seed no training run in this project
 
 
 class ShapesClassifier(nnx.Module):
-  """Stride-2 conv blocks (conv → GroupNorm → SiLU), mean- and max-pooled, then a shared hidden layer and two
-  heads: `shape_head` (logits over shapes.SHAPES) and `colour_head` (logits over shapes.COLOURS).
+  """Stride-2 conv blocks (conv → GroupNorm → SiLU), mean- and max-pooled, then a shared hidden layer and
+  two heads: `shape_head` (logits over shapes.SHAPES) and `colour_head` (logits over shapes.COLOURS).
 
   Takes NHWC float images in [0, 1].
   """
@@ -51,7 +51,8 @@ class ShapesClassifier(nnx.Module):
     rngs = ParamKeys(rngs)
     c = self.config
     widths = [3, *c['block_out_channels']]
-    self.convs = nnx.List([Conv2d(a, b, 3, stride=2, padding=1, rngs=rngs) for a, b in zip(widths, widths[1:])])
+    self.convs = nnx.List([Conv2d(a, b, 3, stride=2, padding=1, rngs=rngs)
+                           for a, b in zip(widths, widths[1:])])
     self.norms = nnx.List([GroupNorm(c['norm_num_groups'], b) for b in widths[1:]])
     self.hidden = Linear(2 * widths[-1], c['hidden'], rngs=rngs)
     self.shape_head = Linear(c['hidden'], len(shapes.SHAPES), rngs=rngs)
@@ -68,7 +69,10 @@ class ShapesClassifier(nnx.Module):
 
 
 def build_classifier(config: Mapping[str, Any] | None = None, *, seed: int = 0) -> ShapesClassifier:
-  return ShapesClassifier(dict(config or {}), rngs=nnx.Rngs(seed))
+  """A randomly initialised classifier. Initialised inside one `jit`, as esd_jax.models.build does: eagerly,
+  every parameter shape would compile its own random kernel (seconds for this small model)."""
+  make = lambda: ShapesClassifier(dict(config or {}), rngs=nnx.Rngs(seed))
+  return nnx.merge(nnx.graphdef(nnx.eval_shape(make)), jax.jit(lambda: nnx.state(make()))())
 
 
 def _blur(images: jax.Array, sigma: jax.Array, radius: int = 4) -> jax.Array:
@@ -85,26 +89,31 @@ def _blur(images: jax.Array, sigma: jax.Array, radius: int = 4) -> jax.Array:
   return images
 
 
-def augment(key: jax.Array, images: jax.Array) -> jax.Array:
+def augment(key: jax.Array, images: jax.Array, noise: jax.Array) -> jax.Array:
   """Degrades float images in [0, 1] the ways a generated image may be imperfect: blur (σ up to 1.6 px on
-  70 % of images), colour jitter (per channel ±8 % gain and ±0.06 offset) and gaussian noise (σ up to 0.1)."""
+  70 % of images), colour jitter (per channel ±8 % gain and ±0.06 offset) and gaussian noise (σ up to 0.1
+  per image, times `noise`, standard normal of the images' shape). The caller draws `noise` (on the host,
+  with numpy, while the device computes: a jax.random normal this size costs more than the training step's
+  convolutions on a CPU)."""
   b = images.shape[0]
-  k = jax.random.split(key, 6)
+  k = jax.random.split(key, 5)
   sigma = jax.random.uniform(k[0], (b,), maxval=1.6) * jax.random.bernoulli(k[1], 0.7, (b,))
   x = _blur(images, sigma)
   gain = 1 + jax.random.uniform(k[2], (b, 1, 1, 3), minval=-0.08, maxval=0.08)
   offset = jax.random.uniform(k[3], (b, 1, 1, 3), minval=-0.06, maxval=0.06)
-  noise = jax.random.uniform(k[4], (b, 1, 1, 1), maxval=0.1) * jax.random.normal(k[5], x.shape)
-  return jnp.clip(x * gain + offset + noise, 0, 1)
+  noise_level = jax.random.uniform(k[4], (b, 1, 1, 1), maxval=0.1)
+  return jnp.clip(x * gain + offset + noise_level * noise, 0, 1)
 
 
 def training_batch(rng: np.random.Generator, n: int):
-  """n fresh drawings (uint8) with their shape and colour ids, sides in TRAIN_SIDES anywhere on the canvas."""
+  """n fresh drawings (uint8) with their shape and colour ids, sides in TRAIN_SIDES anywhere on the canvas,
+  and standard normal noise for `augment`."""
   shape_ids = rng.integers(0, len(shapes.SHAPES), n)
   colour_ids = rng.integers(0, len(shapes.COLOURS), n)
   sides = rng.integers(TRAIN_SIDES[0], TRAIN_SIDES[1] + 1, n)
   positions = rng.integers(0, shapes.SIZE - sides[:, None] + 1, (n, 2))
-  return shapes.draw(shape_ids, colour_ids, sides, positions), shape_ids, colour_ids
+  images = shapes.draw(shape_ids, colour_ids, sides, positions)
+  return images, shape_ids, colour_ids, rng.standard_normal(images.shape, np.float32)
 
 
 def _loss(model: ShapesClassifier, images, shape_ids, colour_ids):
@@ -113,7 +122,7 @@ def _loss(model: ShapesClassifier, images, shape_ids, colour_ids):
           + optax.softmax_cross_entropy_with_integer_labels(colour_logits, colour_ids).mean())
 
 
-def train_classifier(steps: int = 1500, seed: int = 0, *, batch_size: int = 64, learning_rate: float = 3e-3,
+def train_classifier(steps: int = 400, seed: int = 0, *, batch_size: int = 64, learning_rate: float = 3e-3,
                      config: Mapping[str, Any] | None = None,
                      log: Callable[[str], None] | None = print) -> ShapesClassifier:
   """Trains a classifier from `seed` on freshly drawn, augmented images with Adam (warm-up, cosine decay).
@@ -122,21 +131,24 @@ def train_classifier(steps: int = 1500, seed: int = 0, *, batch_size: int = 64, 
   """
   model = build_classifier(config, seed=seed)
   graphdef, params = nnx.split(model)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 20), max(1, steps))
+  warmup = max(1, steps // 20)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, warmup + 1))
   tx = optax.adam(schedule)
   opt_state = tx.init(params)
 
   @jax.jit
-  def step(params, opt_state, key, images, shape_ids, colour_ids):
-    x = augment(key, images.astype(jnp.float32) / 255)
-    loss, grads = jax.value_and_grad(lambda p: _loss(nnx.merge(graphdef, p), x, shape_ids, colour_ids))(params)
+  def step(params, opt_state, key, images, shape_ids, colour_ids, noise):
+    x = augment(key, images.astype(jnp.float32) / 255, noise)
+    loss_of = lambda p: _loss(nnx.merge(graphdef, p), x, shape_ids, colour_ids)
+    loss, grads = jax.value_and_grad(loss_of)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   rng, key = np.random.default_rng(seed), jax.random.key(seed)
   start = time.perf_counter()
   for i in range(steps):
-    params, opt_state, loss = step(params, opt_state, jax.random.fold_in(key, i), *training_batch(rng, batch_size))
+    batch = training_batch(rng, batch_size)
+    params, opt_state, loss = step(params, opt_state, jax.random.fold_in(key, i), *batch)
     if log and (i + 1) % max(1, steps // 10) == 0:
       log(f'classifier step {i + 1}/{steps}: loss {float(loss):.4f} ({time.perf_counter() - start:.0f} s)')
   return nnx.merge(graphdef, params)
@@ -154,22 +166,34 @@ def predict(model: ShapesClassifier, images, *, batch_size: int = 512):
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f'predict: expected NHWC RGB images, got an array of shape {images.shape}.')
+  if not len(images):
+    raise ValueError('predict: no images given.')
   scale = 255.0 if images.dtype == np.uint8 else 1.0
+  n = len(images)
+  batch_size = min(batch_size, n)
+  # Padding the last batch to full size keeps one compiled shape per batch size.
+  images = np.concatenate([images, np.zeros((-n % batch_size, *images.shape[1:]), images.dtype)])
   probs = [_probs(model, jnp.asarray(images[i:i + batch_size], jnp.float32) / scale)
            for i in range(0, len(images), batch_size)]
-  shape_probs = np.concatenate([np.asarray(p[0]) for p in probs])
-  colour_probs = np.concatenate([np.asarray(p[1]) for p in probs])
+  shape_probs = np.concatenate([np.asarray(p[0]) for p in probs])[:n]
+  colour_probs = np.concatenate([np.asarray(p[1]) for p in probs])[:n]
   return shape_probs.argmax(-1), colour_probs.argmax(-1), shape_probs, colour_probs
 
 
-def evaluate(model: ShapesClassifier, n: int = 2000, *, seed: int = EVAL_SEED, augmented: bool = False
-             ) -> dict[str, float]:
+_augment = jax.jit(augment)
+
+
+def evaluate(model: ShapesClassifier, n: int = 2000, *, seed: int = EVAL_SEED,
+             augmented: bool = False) -> dict[str, float]:
   """Shape and colour accuracy on n fresh world images from `seed` (optionally degraded by `augment`)."""
-  images, shape_ids, colour_ids, _ = shapes.sample(seed, n)
+  rng = np.random.default_rng(seed)
+  images, shape_ids, colour_ids, _ = shapes.sample(rng, n)
   if augmented:
-    images = np.asarray(augment(jax.random.key(seed), jnp.asarray(images, jnp.float32) / 255))
+    noise = rng.standard_normal(images.shape, np.float32)
+    images = np.asarray(_augment(jax.random.key(seed), jnp.asarray(images, jnp.float32) / 255, noise))
   pred_shape, pred_colour, _, _ = predict(model, images)
-  return {'shape': float(np.mean(pred_shape == shape_ids)), 'colour': float(np.mean(pred_colour == colour_ids))}
+  return {'shape': float(np.mean(pred_shape == shape_ids)),
+          'colour': float(np.mean(pred_colour == colour_ids))}
 
 
 def save_classifier(model: ShapesClassifier, folder: str | os.PathLike) -> None:
@@ -185,7 +209,8 @@ def load_classifier(folder: str | os.PathLike) -> ShapesClassifier:
   folder = Path(folder)
   config_path = folder / 'config.json'
   if not config_path.is_file():
-    raise FileNotFoundError(f'{config_path}: no classifier config here; pass the folder save_classifier wrote.')
+    raise FileNotFoundError(f'{config_path}: no classifier config here; pass the folder that '
+                            'save_classifier wrote.')
   config = json.loads(config_path.read_text())
   model = abstract(lambda: ShapesClassifier(config, rngs=nnx.Rngs(0), source=str(config_path)))
   with SafetensorsReader(folder / 'model.safetensors') as tensors:

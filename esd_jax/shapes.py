@@ -1,18 +1,18 @@
-"""The shapes world: 64×64 RGB images of one flat-coloured shape on white, drawn on the fly, with captions.
+"""The shapes world: 64×64 RGB images of one flat-coloured shape on white, drawn on the fly, captioned.
 
 The world (fixed by issue 4, so anyone can draw and check it):
-- 64×64 RGB, white background (255, 255, 255), exactly one shape filled with one flat colour from `COLOURS`.
-- Each shape lies in an axis-aligned square box of side s, s uniform in 24…44 px; the box is placed uniformly
-  so that it lies within pixels 4…59: its top-left pixel (y0, x0) is uniform in 4…60-s on each axis.
-  `circle` is the disk filling the box, `square` the box, `triangle` has its apex at the top middle and its
-  base along the bottom edge, `cross` is a plus sign of two bars of width s/3 through the centre spanning
-  the box.
+- 64×64 RGB, white background (255, 255, 255), exactly one shape filled with one flat colour (`COLOURS`).
+- Each shape lies in an axis-aligned square box of side s, s uniform in 24…44 px; the box is placed
+  uniformly so that it lies within pixels 4…59: its top-left pixel (y0, x0) is uniform in 4…60-s on each
+  axis. `circle` is the disk filling the box, `square` the box, `triangle` has its apex at the top middle
+  and its base along the bottom edge, `cross` is a plus sign of two bars of width s/3 through the centre
+  spanning the box.
 
 Pixel-exact semantics: pixel (row i, column j) covers [j, j+1) × [i, i+1) and is painted iff its centre
 (j + ½, i + ½) lies inside the shape or on its boundary. The box spans [x0, x0+s] × [y0, y0+s] in these
 continuous coordinates, so a square is exactly the s×s pixels from (y0, x0). Every test is evaluated in
 integers on doubled coordinates relative to the box centre, u = 2(j - x0) + 1 - s and v = 2(i - y0) + 1 - s
-(odd/even integers in -s…s), so no rounding is involved:
+(integers of the parity of s - 1), so no rounding is involved:
   square    |u| < s and |v| < s                 (s² pixels exactly)
   circle    u² + v² ≤ s²                        (≈ π s²/4)
   triangle  |v| < s and 2|u| ≤ v + s            (≈ s²/2: half-width grows linearly from 0 at the apex)
@@ -21,7 +21,12 @@ integers on doubled coordinates relative to the box centre, u = 2(j - x0) + 1 - 
 Captions (see `CAPTIONS`): every colour and shape word is a prompt on its own, because users erase a concept
 by naming it and a model that never saw "circle" alone cannot be asked to forget it. Each image gets one
 template drawn with the probabilities below, filled with its own colour and shape, so every caption is true
-of its image; about 10 % of captions are empty, for classifier-free guidance.
+of its image; about 10 % of captions are empty, for classifier-free guidance. Per image, the caption
+  names its shape (alone or with more words)   60 %   ("circle" alone 12 %, "a circle" 12 %)
+  names its colour                             58 %   ("red" alone 10 %)
+  names both ("a red circle", "red circle")    36 %
+  generic ("a", "shape", "a shape")             8 %,  empty 10 %.
+Shapes and colours are independent and uniform, so each of the 16 combinations is 1/16 of the data.
 """
 
 from __future__ import annotations
@@ -141,7 +146,8 @@ def sample(rng: np.random.Generator | int, n: int):
   """
   rng = _as_rng(rng)
   shape_ids, colour_ids, sizes, positions = sample_layout(rng, n)
-  return draw(shape_ids, colour_ids, sizes, positions), shape_ids, colour_ids, captions(rng, shape_ids, colour_ids)
+  images = draw(shape_ids, colour_ids, sizes, positions)
+  return images, shape_ids, colour_ids, captions(rng, shape_ids, colour_ids)
 
 
 def parse(prompt: str) -> tuple[int | None, int | None]:

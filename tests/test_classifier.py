@@ -1,0 +1,70 @@
+"""The shape/colour classifier: a short training run, robustness, prediction on both image dtypes, files."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from esd_jax import classifier, shapes
+from esd_jax.models.config import ConfigError
+from esd_jax.models.state_dict import state_dict
+
+SHORT_STEPS = 150  # the shipped classifier trains longer (train_classifier's default)
+
+
+@pytest.fixture(scope='module')
+def model():
+  return classifier.train_classifier(SHORT_STEPS, seed=0, log=None)
+
+
+def test_short_training_is_accurate(model):
+  for augmented in (False, True):
+    accuracy = classifier.evaluate(model, 500, augmented=augmented)
+    assert accuracy['shape'] >= 0.95 and accuracy['colour'] >= 0.95, (augmented, accuracy)
+
+
+def test_predict_takes_uint8_and_float(model):
+  images, shape_ids, colour_ids, _ = shapes.sample(11, 37)  # not a multiple of the batch: padding path
+  ids_u8 = classifier.predict(model, images, batch_size=16)
+  ids_f = classifier.predict(model, images.astype(np.float32) / 255, batch_size=16)
+  np.testing.assert_allclose(ids_u8[2], ids_f[2], atol=1e-5)
+  np.testing.assert_allclose(ids_u8[3], ids_f[3], atol=1e-5)
+  assert ids_u8[2].shape == (37, 4) and np.allclose(ids_u8[2].sum(-1), 1, atol=1e-5)
+  assert (ids_u8[0] == ids_u8[2].argmax(-1)).all() and (ids_u8[1] == ids_u8[3].argmax(-1)).all()
+  with pytest.raises(ValueError, match='NHWC'):
+    classifier.predict(model, images[..., 0])
+
+
+def test_save_load_round_trip(model, tmp_path):
+  folder = tmp_path / 'classifier'
+  classifier.save_classifier(model, folder)
+  assert sorted(p.name for p in folder.iterdir()) == ['config.json', 'model.safetensors']
+  assert json.loads((folder / 'config.json').read_text())['_class_name'] == 'ShapesClassifier'
+  loaded = classifier.load_classifier(folder)
+  want, got = state_dict(model), state_dict(loaded)
+  assert sorted(want) == sorted(got)
+  for key in want:
+    assert np.array_equal(np.asarray(want[key]), np.asarray(got[key])), key
+  images = shapes.sample(5, 16)[0]
+  assert np.array_equal(classifier.predict(model, images, batch_size=16)[2],
+                        classifier.predict(loaded, images, batch_size=16)[2])
+
+
+def test_bad_folders(tmp_path):
+  with pytest.raises(FileNotFoundError, match='config'):
+    classifier.load_classifier(tmp_path)
+  (tmp_path / 'config.json').write_text(json.dumps({'_class_name': 'ShapesClassifier', 'depth': 3}))
+  with pytest.raises(ConfigError, match='depth'):
+    classifier.load_classifier(tmp_path)
+
+
+def test_blur():
+  images = jnp.asarray(shapes.sample(1, 4)[0], jnp.float32) / 255
+  blur = jax.jit(classifier._blur)
+  np.testing.assert_allclose(blur(images, jnp.zeros(4)), images, atol=1e-6)
+  soft = np.asarray(blur(images, jnp.full(4, 1.5)))
+  assert np.allclose(soft[:, :2], 1, atol=1e-6)  # white border stays white: edges replicate
+  assert 0 < np.abs(soft - np.asarray(images)).max() < 1
+  np.testing.assert_allclose(soft.mean((1, 2)), np.asarray(images).mean((1, 2)), atol=2e-3)
