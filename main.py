@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import app, logging
 from ml_collections import config_flags
 
 from esd_jax import commands

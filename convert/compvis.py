@@ -686,7 +686,7 @@ def _infer_text(sd: Mapping[str, Any], *, open_clip: bool) -> dict:
 # Whole files.
 
 
-_SAFETENSORS_DTYPES = {code: dtype for dtype, code in files._DTYPES.items()}
+_SAFETENSORS_DTYPES = {code: dtype for dtype, code in files.SAFETENSORS_DTYPES.items()}
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:

@@ -24,7 +24,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-_DTYPES = {
+# numpy dtype → safetensors dtype code.
+SAFETENSORS_DTYPES = {
     np.dtype(np.float64): 'F64', np.dtype(np.float32): 'F32', np.dtype(np.float16): 'F16',
     np.dtype(ml_dtypes.bfloat16): 'BF16', np.dtype(np.int64): 'I64', np.dtype(np.int32): 'I32',
     np.dtype(np.int16): 'I16', np.dtype(np.int8): 'I8', np.dtype(np.uint8): 'U8', np.dtype(np.bool_): 'BOOL',
@@ -73,11 +74,6 @@ def _fsync(path: Path) -> None:
       os.fsync(f.fileno())
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-  with atomic_path(path) as tmp:
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n')
-
-
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], *,
                       metadata: Mapping[str, str] | None = None, dtype=None) -> None:
   """Writes `tensors` (key → numpy or device array) as a .safetensors file, one tensor at a time.
@@ -89,7 +85,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], *,
     dt = np.dtype(arr.dtype)
     floating = np.issubdtype(dt, np.floating) or dt == ml_dtypes.bfloat16
     dt = np.dtype(dtype) if dtype is not None and floating else dt
-    if dt not in _DTYPES:
+    if dt not in SAFETENSORS_DTYPES:
       raise TypeError(f'{path}: cannot write tensor of dtype {dt} to safetensors.')
     return dt
 
@@ -97,7 +93,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], *,
   for key in keys:
     dt, shape = target(tensors[key]), tuple(tensors[key].shape)
     size = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-    header[key] = {'dtype': _DTYPES[dt], 'shape': list(shape), 'data_offsets': [offset, offset + size]}
+    header[key] = {'dtype': SAFETENSORS_DTYPES[dt], 'shape': list(shape), 'data_offsets': [offset, offset + size]}
     offset += size
   if metadata:
     header['__metadata__'] = {str(k): str(v) for k, v in metadata.items()}

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.numpy import load_file
 
 import convert.diffusers_format as fmt
