@@ -74,6 +74,11 @@ def _fsync(path: Path) -> None:
       os.fsync(f.fileno())
 
 
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  with atomic_path(path) as tmp:
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n')
+
+
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], *,
                       metadata: Mapping[str, str] | None = None, dtype=None) -> None:
   """Writes `tensors` (key → numpy or device array) as a .safetensors file, one tensor at a time.

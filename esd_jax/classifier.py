@@ -69,10 +69,9 @@ class ShapesClassifier(nnx.Module):
 
 
 def build_classifier(config: Mapping[str, Any] | None = None, *, seed: int = 0) -> ShapesClassifier:
-  """A randomly initialised classifier. Initialised inside one `jit`, as esd_jax.models.build does: eagerly,
-  every parameter shape would compile its own random kernel (seconds for this small model)."""
-  make = lambda: ShapesClassifier(dict(config or {}), rngs=nnx.Rngs(seed))
-  return nnx.merge(nnx.graphdef(nnx.eval_shape(make)), jax.jit(lambda: nnx.state(make()))())
+  """A randomly initialised classifier (through esd_jax.models.build, which initialises inside one jit)."""
+  from esd_jax.models import build
+  return build({**(config or {}), '_class_name': CLASS_NAME}, seed=seed)
 
 
 def _blur(images: jax.Array, sigma: jax.Array, radius: int = 4) -> jax.Array:

@@ -15,6 +15,7 @@ _CLASSES = {
     'AutoencoderKL': 'esd_jax.models.vae:AutoencoderKL',
     'CLIPTextModel': 'esd_jax.models.clip:CLIPTextModel',
     'CLIPTextModelWithProjection': 'esd_jax.models.clip:CLIPTextModelWithProjection',
+    'ShapesClassifier': 'esd_jax.classifier:ShapesClassifier',
 }
 
 
