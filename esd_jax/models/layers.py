@@ -96,11 +96,18 @@ class GroupNorm(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((num_channels,), jnp.float32)) if affine else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    shape = x.shape
-    g = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, shape[-1] // self.num_groups)
-    mean = g.mean(axis=(1, 3), keepdims=True)
-    var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)
-    y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+    # Statistics as per-channel means over the spatial axes, then averaged within each group (every
+    # channel has as many elements, so this is the group mean exactly). Reducing a (B, HW, G, C/G) view
+    # over two axes at once is ~9× slower on XLA:CPU for narrow layers, in the forward and the backward.
+    b, c = x.shape[0], x.shape[-1]
+    axes = tuple(range(1, x.ndim - 1))
+
+    def group_mean(per_channel):  # (B, C) → each channel's group mean, broadcastable against x
+      means = per_channel.reshape(b, self.num_groups, c // self.num_groups).mean(-1)
+      return jnp.repeat(means, c // self.num_groups, axis=-1).reshape(b, *(1,) * len(axes), c)
+
+    centred = x.astype(jnp.float32) - group_mean(x.astype(jnp.float32).mean(axes))
+    y = centred * jax.lax.rsqrt(group_mean(jnp.square(centred).mean(axes)) + self.eps)
     if self.weight is not None:
       y = y * self.weight[...] + self.bias[...]
     return y.astype(x.dtype)
