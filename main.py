@@ -2,7 +2,8 @@
 
     python main.py [COMMAND] [--config=configs/FILE.py] [--config.FIELD=VALUE ...]
 
-COMMAND is one of the keys of COMMANDS below (default: generate). Each command reads its section of an
+COMMAND is one of the keys of COMMANDS below (default: erase, which on the default config erases "circle" from
+the shipped shapes-world model and measures it). Each command reads its section of an
 ml_collections config (`configs/*.py`, a `get_config()` per file); any field can be overridden on the
 command line, and a field that does not exist is an error.
 """
@@ -20,8 +21,10 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'conf
 _CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Experiment config file (get_config()).')
 
 COMMANDS = {
-    'generate': commands.generate,
     'erase': commands.erase,
+    'generate': commands.generate,
+    'evaluate': commands.evaluate,
+    'train_world': commands.train_world,
     'dry_run': commands.dry_run,
     'export': commands.export,
     'compare': commands.compare,
@@ -31,11 +34,11 @@ COMMANDS = {
 def main(argv):
   if len(argv) > 2:
     raise app.UsageError(f'Expected at most one command, got {argv[1:]}.')
-  command = argv[1] if len(argv) > 1 else 'generate'
+  command = argv[1] if len(argv) > 1 else 'erase'
   if command not in COMMANDS:
     raise app.UsageError(f'Unknown command {command!r}; choose one of {sorted(COMMANDS)}.')
   logging.info('esd-jax %s with config:\n%s', command, _CONFIG.value)
-  if _CONFIG.value.mesh.distributed:
+  if 'mesh' in _CONFIG.value and _CONFIG.value.mesh.distributed:
     import jax
     jax.distributed.initialize()  # multi-host: every host runs this same command
   COMMANDS[command](_CONFIG.value)

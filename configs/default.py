@@ -1,16 +1,20 @@
 """The default experiment. Every field is documented here; other configs start from this one.
 
-Until the shapes-world model ships, the default model is a small random pipeline ("tiny-random").
+`python main.py` runs it: erase "circle" from the shipped shapes-world model with ESD-u (the paper's
+convention), measure original vs erased with the shipped classifier, export the erased pipeline.
 """
 
 import ml_collections
+
+from esd_jax import shapes
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # A diffusers pipeline folder, a Hub repo id, a single-file CompVis checkpoint (.safetensors / .ckpt),
-  # or "tiny-random" (a small random SD 1.x-structured pipeline, built on first use under workdir).
-  config.model = 'tiny-random'
+  # "shapes-world" (the small trained model shipped in esd_jax/assets/shapes_world, see README), or
+  # "tiny-random" (a small random SD 1.x-structured pipeline, built on first use under workdir).
+  config.model = 'shapes-world'
   config.variant = ''  # weights variant of a diffusers folder, e.g. "fp16"; empty for the default files
   config.tokenizer = ''  # single files only: a CLIPTokenizer folder, when the file carries none
   config.prediction_type = ''  # single files only: 'epsilon' | 'v_prediction' for SD2 files we did not write
@@ -18,9 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   # What to erase and how (ESD_SPEC §1-3). Defaults: the paper's.
   config.erase = ml_collections.ConfigDict()
-  config.erase.concepts = ('a photo of a cat',)  # one is drawn per iteration
+  config.erase.concepts = ('circle',)  # one is drawn per iteration
   config.erase.erase_from = ''  # erase a concept only from this prompt; '' for none; or one per concept
-  config.erase.method = 'esd-x'  # esd-x | esd-u | esd-x-strict | esd-self | esd-all | notime | xlayer |
+  config.erase.concepts_file = ''  # a text/CSV/JSON file of concepts (esd_jax/concepts.py); replaces concepts and erase_from
+  config.erase.separate_models = False  # True: one erased model per concept, trained together (batched)
+  config.erase.method = 'esd-u'  # esd-x | esd-u | esd-x-strict | esd-self | esd-all | notime | xlayer |
   #                                selflayer (CompVis aliases xattn, noxattn, selfattn, full) | patterns
   config.erase.patterns = ()  # regexes over diffusers parameter names, for method 'patterns'
   config.erase.convention = 'paper'  # paper | diffusers-v1 | diffusers-v2 (how x_t is sampled, ESD_SPEC §2)
@@ -34,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.iterations = 1000
   config.train.learning_rate = 1e-5
   config.train.batch_size = 1
+  config.train.concepts_per_step = 1  # one model, several concepts: draws this many per step, averages losses
   config.train.seed = 0
   config.train.compute_dtype = 'float32'  # float32 | bfloat16 (parameters and Adam state stay float32)
   config.train.checkpoint_every = 100
@@ -43,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Device mesh: `data` splits the batch, `fsdp` splits parameters; -1 takes the remaining devices.
   config.mesh = ml_collections.ConfigDict()
+  config.mesh.concept = 1  # separate_models: devices the models are split over (divides the concept count)
   config.mesh.data = -1
   config.mesh.fsdp = 1
   config.mesh.min_shard_size = 2 ** 18  # tensors smaller than this (elements) are replicated
@@ -51,12 +59,12 @@ def get_config() -> ml_collections.ConfigDict:
   # The erased model: `erase` writes export.formats to workdir/erased; `export` writes them to workdir/export
   # for any ESD weights file (export.weights), `compare` renders original vs erased with the generate settings.
   config.export = ml_collections.ConfigDict()
-  config.export.formats = ('trained',)  # trained | unet | diffusers | single_file (see convert/export.py)
+  config.export.formats = ('diffusers', 'trained')  # trained | unet | diffusers | single_file (see convert/export.py)
   config.export.dtype = 'fp32'  # fp32 | fp16 | bf16
   config.export.weights = ''  # ESD weights (ours or the authors' .pt/.safetensors); '' = workdir's erasure
 
   config.generate = ml_collections.ConfigDict()
-  config.generate.prompts = ('a photo of a cat', 'a painting of a church', 'a photo of a car')
+  config.generate.prompts = tuple(f'a red {shape}' for shape in shapes.SHAPES)
   config.generate.negative_prompt = ''
   config.generate.seeds = (0, 1, 2, 3)
   config.generate.guidance_scale = 7.5
@@ -66,4 +74,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.generate.height = 0  # 0: the model's native size
   config.generate.width = 0
   config.generate.dtype = 'float32'  # compute dtype: float32 | bfloat16 (parameters stay float32)
+
+  # Measuring an erasure on the shapes world: after `erase`, the original and the erased model generate
+  # evaluate.prompts × evaluate.seeds images (DDIM), the classifier names each one's shape and colour, and
+  # workdir/report.json and workdir/erasure.png show the result. `evaluate` measures one model alone.
+  config.evaluate = ml_collections.ConfigDict()
+  config.evaluate.classifier = 'shapes-world'  # the shipped classifier, a classifier folder, or '' (no measuring)
+  config.evaluate.prompts = shapes.PROMPTS  # the 16 "a {colour} {shape}" prompts
+  config.evaluate.seeds = 16  # images per prompt (seeds 0…n-1); the acceptance numbers use 64
+  config.evaluate.steps = 50
+  config.evaluate.guidance_scale = 7.5
+  config.evaluate.batch_size = 256
+  config.evaluate.grid_seeds = 4  # seeds per model shown in the grid
+  config.evaluate.backend = 'jax'  # `evaluate` only: jax | diffusers (PyTorch, a diffusers folder as it is)
   return config

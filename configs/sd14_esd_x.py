@@ -16,6 +16,8 @@ def get_config():
   config.erase.negative_guidance = 1.0
   config.train.iterations = 1000
   config.train.learning_rate = 1e-5
+  config.export.formats = ('trained',)
+  config.evaluate.classifier = ''  # the shapes-world classifier measures the shapes world only
   config.generate.prompts = ('The Starry Night by Van Gogh', 'a painting of a wheat field by Van Gogh',
                              'a painting of a lake by Claude Monet')
   return config

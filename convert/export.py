@@ -12,6 +12,7 @@ written in the formats ESD users load.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,7 @@ from flax import nnx
 
 from convert.diffusers_format import save_component, save_pipeline
 from convert.esd_weights import apply_esd_weights, write_trained_safetensors
+from convert.files import write_json
 from convert.single_file import save_single_file
 from esd_jax.pipeline import StableDiffusion
 
@@ -57,3 +59,36 @@ def export(pipe: StableDiffusion, trained: Mapping[str, Any], folder: str | os.P
     else:
       save_single_file(erased, path, dtype=dtype)
   return paths
+
+
+def _sha256(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def export_models(pipe: StableDiffusion, models: Sequence[tuple[str, Mapping[str, Any], Mapping[str, Any]]],
+                  folder: str | os.PathLike, formats: Sequence[str] = FORMATS, *, dtype: str | None = None,
+                  metadata: Mapping[str, Any] | None = None,
+                  failed: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+  """Writes several erased models of one base, each in `formats` under folder/NAME, and folder/manifest.json.
+
+  `models` holds (name, description, trained tensors); the description (concept, erase_from, η, …) goes
+  into the manifest with the files written and their SHA-256. `failed` lists models that produced nothing
+  (with why), so the manifest accounts for every model of the run. With formats=('trained',) a model costs
+  only its trained tensors (e.g. ESD-x: the cross-attention K/V projections), not a UNet.
+  """
+  folder = Path(folder)
+  entries = []
+  for name, description, trained in models:
+    paths = export(pipe, trained, folder / name, formats, dtype=dtype, metadata={**(metadata or {}), **description})
+    files = sorted(p for path in paths.values() for p in ([path] if path.is_file() else path.rglob('*'))
+                   if p.is_file())
+    entries.append({**description, 'name': name, 'status': 'done',
+                    'formats': {fmt: str(path.relative_to(folder)) for fmt, path in paths.items()},
+                    'sha256': {str(p.relative_to(folder)): _sha256(p) for p in files}})
+  manifest = {'run': dict(metadata or {}), 'models': entries + [{**f, 'status': 'failed'} for f in failed]}
+  write_json(folder / 'manifest.json', manifest)
+  return manifest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from absl import logging
 from tqdm import tqdm
 
 from esd_jax import images
+from esd_jax.evaluate import SHAPES_CLASSIFIER, SHAPES_WORLD
 from esd_jax.generate import text_to_image
 
 _COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -23,7 +25,9 @@ def load_model(config: ml_collections.ConfigDict, *, sharding=None):
   from esd_jax.tiny import random_pipeline
 
   path = config.model
-  if path == 'tiny-random':
+  if path == 'shapes-world':
+    path = SHAPES_WORLD
+  elif path == 'tiny-random':
     path = Path(config.workdir) / 'tiny-random'
     if not (path / 'model_index.json').is_file():
       logging.info('Building the small random pipeline in %s', path)
@@ -71,16 +75,132 @@ def _slug(text: str) -> str:
 
 
 def erase(config: ml_collections.ConfigDict):
-  """Trains (or resumes) the erasure, then writes the erased model to workdir/erased in export.formats."""
-  from convert.export import export
+  """Trains (or resumes) the erasure, writes the erased model(s) to workdir/erased in export.formats, and
+  (evaluate.classifier set) measures them against the original."""
+  from convert.export import erased_pipeline, export, export_models
   from esd_jax.train import erase as run
 
   result = run(config)
-  paths = export(result.pipe, result.trained, Path(config.workdir) / 'erased', config.export.formats,
-                 dtype=config.export.dtype, metadata=result.metadata)
-  for fmt, path in paths.items():
-    print(f'Erased model ({fmt}): {path}')
+  out = Path(config.workdir) / 'erased'
+  kwargs = dict(dtype=config.export.dtype, metadata=result.metadata)
+  if config.erase.separate_models:
+    models = [(f'{i:03d}-{_slug(c.prompt)}', dataclasses.asdict(c), trained) for i, c, trained in result.models()]
+    failed = [{**dataclasses.asdict(result.concepts[i]), 'name': f'{i:03d}-{_slug(result.concepts[i].prompt)}',
+               'why': why} for i, why in sorted(result.failed.items())]
+    manifest = export_models(result.pipe, models, out, config.export.formats, failed=failed, **kwargs)
+    print(f'{len(models)} erased models in {out} (manifest.json); {len(failed)} stopped')
+    erased = {name: (erased_pipeline(result.pipe, trained), [c['prompt']]) for name, c, trained in models}
+  else:
+    for fmt, path in export(result.pipe, result.trained, out, config.export.formats, **kwargs).items():
+      print(f'Erased model ({fmt}): {path}')
+    erased = {'erased': (erased_pipeline(result.pipe, result.trained), [c.prompt for c in result.concepts])}
+  if config.evaluate.classifier:
+    measure_erasure(config, result.pipe, erased, result.metadata)
   return result
+
+
+def _judge(config: ml_collections.ConfigDict):
+  from esd_jax.evaluate import load_judge
+  e = config.evaluate
+  return load_judge(SHAPES_CLASSIFIER if e.classifier == 'shapes-world' else e.classifier)
+
+
+def _evaluation(config: ml_collections.ConfigDict):
+  from esd_jax.evaluate import Sampling
+  e = config.evaluate
+  if e.seeds < 1 or not e.prompts:
+    raise ValueError(f'evaluate.seeds = {e.seeds} and evaluate.prompts = {e.prompts!r}: measure at least one '
+                     'prompt with at least one seed.')
+  return list(e.prompts), list(range(e.seeds)), Sampling(e.steps, e.guidance_scale, e.batch_size)
+
+
+def _comparison_grid(path: Path, prompts, columns: dict[str, np.ndarray], n: int) -> Path:
+  """Rows: prompts; columns: the first n seeds of each model, model after model."""
+  rows = [[image for batch in columns.values() for image in batch[i, :n]] for i in range(len(prompts))]
+  labels = [f'{name} {j}' for name in columns for j in range(min(n, next(iter(columns.values())).shape[1]))]
+  return images.save_grid(path, rows, row_labels=list(prompts), col_labels=labels,
+                          scale=max(1, 128 // rows[0][0].shape[0]))
+
+
+def measure_erasure(config: ml_collections.ConfigDict, pipe, erased: dict[str, tuple], metadata: dict) -> dict:
+  """Generates evaluate.prompts × evaluate.seeds with the original and each erased model ({name: (pipeline,
+  concepts it erased)}), has the classifier name what each image shows, and writes workdir/report.json and
+  workdir/erasure.png (rows: prompts; columns: the first evaluate.grid_seeds seeds of each model)."""
+  from convert.files import write_json
+  from esd_jax.evaluate import erasure_summary, generate_jax, score
+  from esd_jax.shapes import parse
+
+  judge = _judge(config)
+  prompts, seeds, sampling = _evaluation(config)
+  start = time.perf_counter()
+  models = {'original': pipe, **{name: model for name, (model, _) in erased.items()}}
+  generated = {name: generate_jax(model, prompts, seeds, sampling, desc=name) for name, model in models.items()}
+  reports = {name: score(judge, prompts, batch) for name, batch in generated.items()}
+  in_world = lambda c: (parse(c)[0] is None) != (parse(c)[1] is None)  # names one shape or one colour
+  summaries = {name: [erasure_summary(reports['original'], reports[name], c) for c in concepts if in_world(c)]
+               for name, (_, concepts) in erased.items()}
+  report = {
+      'model': str(config.model), 'method': config.erase.method, 'convention': config.erase.convention,
+      'negative_guidance': config.erase.negative_guidance, 'iterations': config.train.iterations,
+      'learning_rate': config.train.learning_rate, 'images_per_prompt': len(seeds),
+      'sampling': {'scheduler': 'ddim', 'steps': sampling.steps, 'guidance_scale': sampling.guidance_scale},
+      'seconds': {'erase': metadata.get('seconds'), 'measure': round(time.perf_counter() - start, 1)},
+      'models': {name: {'concepts': concepts, 'summary': summaries[name],
+                        'per_prompt': {p: reports[name][p] for p in prompts}}
+                 for name, (_, concepts) in erased.items()},
+      'original': {'per_prompt': reports['original']},
+  }
+  workdir = Path(config.workdir)
+  write_json(workdir / 'report.json', report)
+  grid = _comparison_grid(workdir / 'erasure.png', prompts, generated, config.evaluate.grid_seeds)
+  for name, model_summaries in summaries.items():
+    for s in model_summaries:
+      others = ', '.join(f'{k} {v["before"]:.0%}→{v["after"]:.0%}' for k, v in s['others'].items())
+      print(f'[{name}] {s["concept"]}: shown in {s["base_rate"]:.0%} → {s["erased_rate"]:.0%} of the images of '
+            f'prompts naming it; other {s["kind"]}s: {others}')
+  print(f'Report: {workdir / "report.json"}; grid: {grid}')
+  return report
+
+
+def evaluate(config: ml_collections.ConfigDict) -> dict:
+  """Measures config.model (with export.weights applied, when set) on evaluate.prompts × evaluate.seeds, on
+  our JAX pipeline or (evaluate.backend=diffusers) on diffusers' StableDiffusionPipeline in PyTorch; writes
+  workdir/evaluate_{backend}.json and a grid of the first evaluate.grid_seeds seeds."""
+  from convert.files import write_json
+  from esd_jax.evaluate import generate_diffusers, generate_jax, score
+  from esd_jax.generate import latent_size
+
+  e = config.evaluate
+  prompts, seeds, sampling = _evaluation(config)
+  judge = _judge(config)
+  pipe = load_model(config)
+  if config.export.weights:
+    from convert.export import erased_pipeline
+    pipe = erased_pipeline(pipe, _weights(config))
+  start = time.perf_counter()
+  if e.backend == 'jax':
+    generated = generate_jax(pipe, prompts, seeds, sampling)
+  elif e.backend == 'diffusers':
+    folder = SHAPES_WORLD if config.model == 'shapes-world' else Path(config.model)
+    if config.export.weights or not (folder / 'model_index.json').is_file():
+      raise ValueError('evaluate.backend=diffusers runs a diffusers pipeline folder as it is: point '
+                       '--config.model at one (e.g. an erased model exported with export.formats=diffusers) '
+                       'and leave export.weights empty.')
+    generated = generate_diffusers(folder, prompts, seeds, sampling,
+                                   latent_shape=(*latent_size(pipe, None, None), pipe.unet.config['in_channels']))
+  else:
+    raise ValueError(f'evaluate.backend = {e.backend!r}; choose jax or diffusers.')
+  report = {'model': str(config.model), 'weights': config.export.weights, 'backend': e.backend,
+            'images_per_prompt': len(seeds), 'seconds': round(time.perf_counter() - start, 1),
+            'per_prompt': score(judge, prompts, generated)}
+  workdir = Path(config.workdir)
+  write_json(workdir / f'evaluate_{e.backend}.json', report)
+  _comparison_grid(workdir / f'evaluate_{e.backend}.png', prompts, {e.backend: generated}, e.grid_seeds)
+  for prompt, r in report['per_prompt'].items():
+    shown = '  '.join(f'{k} {r[k]:.0%}' for k in ('shape', 'colour') if r[k] is not None)
+    print(f'{prompt:24s} {shown}')
+  print(f'Report: {workdir / f"evaluate_{e.backend}.json"}')
+  return report
 
 
 def _weights(config: ml_collections.ConfigDict):
@@ -161,3 +281,23 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
         f'({100 * info["parameters"] / info["total_parameters"]:.2f} %)')
   print(f'Adam state       {info["optimizer_state_bytes"] / 2**20:,.1f} MiB (fp32 mu and nu)')
   return info
+
+
+def train_world(config: ml_collections.ConfigDict) -> Path:
+  """Trains the shapes-world pipeline and its classifier (configs/train_world.py) into config.output."""
+  from convert.files import write_json
+  from esd_jax import classifier
+  from esd_jax.world_model import Recipe, train_world_model
+
+  out = Path(config.output)
+  start = time.perf_counter()
+  judge = classifier.train_classifier(config.classifier.steps, config.classifier.seed)
+  accuracy = {'clean': classifier.evaluate(judge), 'degraded': classifier.evaluate(judge, augmented=True)}
+  classifier.save_classifier(judge, out / 'shapes_classifier')
+  write_json(out / 'shapes_classifier' / 'training.json',
+             {**config.classifier.to_dict(), 'held_out_accuracy': accuracy,
+              'seconds': round(time.perf_counter() - start, 1)})
+  print(f'Classifier: held-out accuracy {accuracy}')
+  _, record = train_world_model(out / 'shapes_world', Recipe(**config.world.to_dict()))
+  print(f'Shapes-world pipeline: {out / "shapes_world"} ({record["seconds"]})')
+  return out

@@ -14,6 +14,7 @@ implementation fed the same draws gives the same loss and gradients (tests/torch
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -68,12 +69,14 @@ class Objective:
 class Prompts(NamedTuple):
   """Text conditioning, encoded once. `concept` and `student` have a leading concept axis (N);
   `student[i]` is concept i's erase_from prompt f (with `has_from[i]`), else concept i itself.
-  `student` is None when no concept has an erase_from prompt, which saves the frozen model a forward."""
+  `student` is None when no concept has an erase_from prompt, which saves the frozen model a forward.
+  `eta[i]` is concept i's negative guidance; None: the objective's for all."""
 
   uncond: Conditioning
   concept: Conditioning
   student: Conditioning | None
   has_from: jax.Array
+  eta: jax.Array | None = None
 
 
 class Draws(NamedTuple):
@@ -86,8 +89,22 @@ class Draws(NamedTuple):
 
 
 def draw(key: jax.Array, objective: Objective, scheduler, *, batch: int, latent_shape: tuple[int, int, int],
-         num_concepts: int) -> Draws:
-  """Draws as the convention's code draws them (ESD_SPEC §4): one step and one concept per iteration."""
+         num_concepts: int, per_step: int = 1) -> Draws:
+  """Draws as the convention's code draws them (ESD_SPEC §4): one step and one concept per iteration.
+
+  With per_step = B > 1, B independent draws stacked on a leading axis, for B different concepts (while
+  there are that many): `train_step` then averages their losses.
+  """
+  if per_step > 1:
+    k_concepts, *keys = jax.random.split(key, per_step + 1)
+    one = functools.partial(draw, objective=objective, scheduler=scheduler, batch=batch,
+                            latent_shape=latent_shape, num_concepts=num_concepts)
+    draws = jax.vmap(one)(jnp.stack(keys))
+    if per_step <= num_concepts:
+      concepts = jax.random.permutation(k_concepts, num_concepts)[:per_step]
+    else:
+      concepts = jax.random.randint(k_concepts, (per_step,), 0, num_concepts)
+    return draws._replace(concept=concepts.astype(jnp.int32))
   k_noise, k_step, k_t, k_concept = jax.random.split(key, 4)
   n = objective.ddim_steps
   stride = scheduler.num_train_timesteps // n
@@ -165,7 +182,7 @@ def esd_loss(trained: Params, frozen: Params, layout: ParamLayout, objective: Ob
   asked = [uncond, concept] + ([student_prompt] if prompts.student is not None else [])
   e = jnp.split(_predict(teacher, jnp.concatenate([x_t] * len(asked)), draws.t, _cat(*asked), dtype), len(asked))
   e_uncond, e_concept = e[0], e[1]
-  eta = objective.negative_guidance
+  eta = objective.negative_guidance if prompts.eta is None else prompts.eta[draws.concept]
   if objective.convention == 'diffusers-v2':
     anchor, coefficient = e_concept, eta + 1.0  # that code's η_C = η + 1 with anchor ε*(c): the same target
   else:
@@ -196,11 +213,46 @@ def init_state(trained: Params, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(jnp.zeros((), jnp.int32), trained, tx.init(trained))
 
 
+def mean_esd_loss(trained: Params, frozen: Params, layout: ParamLayout, objective: Objective, scheduler,
+                  prompts: Prompts, draws: Draws) -> tuple[jax.Array, jax.Array]:
+  """esd_loss averaged over draws stacked on a leading axis (several concepts in one step)."""
+  loss, x_t = jax.vmap(lambda d: esd_loss(trained, frozen, layout, objective, scheduler, prompts, d))(draws)
+  return loss.mean(), x_t
+
+
 def train_step(state: TrainState, frozen: Params, prompts: Prompts, draws: Draws, *, layout: ParamLayout,
                objective: Objective, scheduler, tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
   """One ESD iteration: loss, gradient of the trained subset, one Adam update. Pure; jit it with the
-  keyword arguments bound (they are static)."""
-  (loss, _), grads = jax.value_and_grad(esd_loss, has_aux=True)(
+  keyword arguments bound (they are static). Draws with a leading axis (draw's per_step) average the loss
+  over several concepts."""
+  loss_fn = esd_loss if draws.x_T.ndim == 4 else mean_esd_loss
+  (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.trained, frozen, layout, objective, scheduler, prompts, draws)
   updates, opt_state = tx.update(grads, state.opt_state, state.trained)
   return TrainState(state.step + 1, optax.apply_updates(state.trained, updates), opt_state), {'loss': loss}
+
+
+def per_model(prompts: Prompts) -> Prompts:
+  """The prompts of N separate erasures, one concept each: concept i's fields get a concept axis of 1, so
+  that model i sees a one-concept Prompts under vmap. The empty prompt stays shared."""
+  if prompts.eta is None:
+    raise ValueError('per_model: give every concept its negative guidance (Prompts.eta).')
+  one = lambda tree: jax.tree.map(lambda a: a[:, None], tree)
+  return Prompts(prompts.uncond, one(prompts.concept), None if prompts.student is None else one(prompts.student),
+                 one(prompts.has_from), one(prompts.eta))
+
+
+def separate_train_step(state: TrainState, frozen: Params, prompts: Prompts, draws: Draws, active: jax.Array, *,
+                        layout: ParamLayout, objective: Objective, scheduler,
+                        tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+  """One iteration of N separate erasures at once (vmap over a leading model axis of `state`, `draws` and
+  `per_model(prompts)`), all taught by the one shared frozen base. A model whose loss is not finite, or that
+  is not `active`, keeps its previous state; metrics['active'] says which models stepped."""
+  axes = Prompts(None, 0, None if prompts.student is None else 0, 0, 0)
+  step = functools.partial(train_step, frozen=frozen, layout=layout, objective=objective, scheduler=scheduler,
+                           tx=tx)
+  stepped, metrics = jax.vmap(lambda s, p, d: step(s, prompts=p, draws=d), in_axes=(0, axes, 0))(
+      state, prompts, draws)
+  ok = active & jnp.isfinite(metrics['loss'])
+  keep = lambda new, old: jnp.where(ok.reshape(ok.shape + (1,) * (new.ndim - 1)), new, old)
+  return jax.tree.map(keep, stepped, state), {'loss': metrics['loss'], 'active': ok}

@@ -24,6 +24,8 @@ from absl import logging
 from tqdm import tqdm
 
 from esd_jax import esd, methods, sharding
+from esd_jax.concepts import Concept, ConceptError
+from esd_jax.concepts import of_config as concepts_of
 from esd_jax.generate import encode_prompts, latent_size
 from esd_jax.models.state_dict import split_flat
 from esd_jax.pipeline import StableDiffusion
@@ -35,38 +37,47 @@ class RunError(RuntimeError):
 
 @dataclasses.dataclass
 class Erased:
-  """The result of a run: the trained tensors (diffusers keys), what produced them, and the base pipeline."""
+  """The result of a run: the trained tensors (diffusers keys), what produced them, and the base pipeline.
+
+  With erase.separate_models, every tensor has a leading model axis (model i erases concepts[i]) and
+  `failed` maps the index of each model stopped for a non-finite loss to what happened.
+  """
 
   trained: dict[str, jax.Array]
   metadata: dict[str, Any]
   workdir: Path
   pipe: StableDiffusion
+  concepts: list[Concept]
+  failed: dict[int, str] = dataclasses.field(default_factory=dict)
+
+  def models(self) -> list[tuple[int, Concept, dict[str, jax.Array]]]:
+    """(index, concept, trained tensors) of each erased model that finished (one unless separate_models)."""
+    if not self.metadata['separate_models']:
+      return [(0, self.concepts[0], self.trained)]
+    return [(i, c, {k: v[i] for k, v in self.trained.items()}) for i, c in enumerate(self.concepts)
+            if i not in self.failed]
 
 
-def concept_list(erase: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
-  """Concepts and their erase_from prompts ('' for none), checked."""
-  concepts = [erase.concepts] if isinstance(erase.concepts, str) else list(erase.concepts)
-  concepts = [c.strip() for c in concepts]
-  if not concepts or any(not c for c in concepts):
-    raise RunError(f'erase.concepts = {erase.concepts!r}: every concept must be a non-empty prompt, e.g. '
-                   "--config.erase.concepts=\"('Van Gogh',)\".")
-  froms = [erase.erase_from] * len(concepts) if isinstance(erase.erase_from, str) else list(erase.erase_from)
-  if len(froms) != len(concepts):
-    raise RunError(f'erase.erase_from has {len(froms)} entries for {len(concepts)} concepts; give one per '
-                   'concept, or a single string for all.')
-  return concepts, [f.strip() for f in froms]
+def concept_list(erase: ml_collections.ConfigDict) -> list[Concept]:
+  """The run's concepts (concepts.of_config), a bad list raised as a RunError."""
+  try:
+    return concepts_of(erase)
+  except ConceptError as e:
+    raise RunError(str(e)) from e
 
 
-def encode_concepts(pipe: StableDiffusion, concepts: list[str], erase_from: list[str], *, height: int,
+def encode_concepts(pipe: StableDiffusion, concepts: list[Concept], negative_guidance: float, *, height: int,
                     width: int) -> esd.Prompts:
   """Text conditioning of the empty prompt, the concepts and their erase_from prompts, computed once."""
   kwargs = dict(height=height, width=width)
-  has_from = [bool(f) and f != c for c, f in zip(concepts, erase_from)]
+  has_from = [bool(c.erase_from) for c in concepts]
   student = None
   if any(has_from):
-    student = encode_prompts(pipe, [f if h else c for c, f, h in zip(concepts, erase_from, has_from)], **kwargs)
-  return esd.Prompts(uncond=encode_prompts(pipe, [''], **kwargs), concept=encode_prompts(pipe, concepts, **kwargs),
-                     student=student, has_from=jnp.asarray(has_from))
+    student = encode_prompts(pipe, [c.erase_from or c.prompt for c in concepts], **kwargs)
+  eta = [negative_guidance if c.negative_guidance is None else c.negative_guidance for c in concepts]
+  return esd.Prompts(uncond=encode_prompts(pipe, [''], **kwargs),
+                     concept=encode_prompts(pipe, [c.prompt for c in concepts], **kwargs),
+                     student=student, has_from=jnp.asarray(has_from), eta=jnp.asarray(eta, jnp.float32))
 
 
 def objective_of(erase: ml_collections.ConfigDict, compute_dtype: str) -> esd.Objective:
@@ -87,13 +98,16 @@ def _fingerprint(frozen: dict[str, jax.Array], keys: list[str]) -> str:
 def run_metadata(config: ml_collections.ConfigDict, pipe: StableDiffusion, keys: list[str],
                  frozen: dict[str, jax.Array]) -> dict[str, Any]:
   """What a checkpoint must agree with to be resumed: model, method, concepts, objective, optimizer, seed."""
-  concepts, erase_from = concept_list(config.erase)
+  concepts = concept_list(config.erase)
   e, t = config.erase, config.train
   return {
       'model': str(config.model), 'unet_config_sha': hashlib.sha256(
           json.dumps(dict(pipe.unet.config), sort_keys=True).encode()).hexdigest()[:16],
       'base_weights': _fingerprint(frozen, keys), 'method': e.method, 'patterns': list(e.patterns),
-      'trained_tensors': len(keys), 'concepts': concepts, 'erase_from': erase_from,
+      'trained_tensors': len(keys), 'concepts': [c.prompt for c in concepts],
+      'erase_from': [c.erase_from for c in concepts],
+      'concept_negative_guidance': [c.negative_guidance for c in concepts],
+      'separate_models': e.separate_models, 'concepts_per_step': t.concepts_per_step,
       'convention': e.convention, 'negative_guidance': e.negative_guidance, 'guidance': e.guidance,
       'ddim_steps': e.ddim_steps, 'sampler': e.sampler, 'resolution': e.resolution,
       'learning_rate': t.learning_rate, 'batch_size': t.batch_size, 'seed': t.seed,
@@ -129,14 +143,29 @@ def _metrics_log(path: Path, resume_step: int):
 
 def erase(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None, *,
           progress: bool = True) -> Erased:
-  """Runs (or resumes) the erasure `config` describes and returns the trained tensors."""
+  """Runs (or resumes) the erasure `config` describes and returns the trained tensors.
+
+  One model learns to forget every concept (one drawn per iteration, or train.concepts_per_step of them
+  with their losses averaged), or, with erase.separate_models, one model per concept: their trained
+  subsets stacked on a leading axis split over the mesh's `concept` axis, trained in one vmapped step that
+  shares the frozen base. Model i then draws from seed train.seed + i, exactly as a run of concept i alone
+  with that seed. A model whose loss turns non-finite is stopped and reported; the others go on.
+  """
   from esd_jax.commands import load_model
 
+  run_start = time.perf_counter()
   workdir = Path(config.workdir)
   _writable(workdir)
-  concepts, erase_from = concept_list(config.erase)
-  t = config.train
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  concepts = concept_list(config.erase)
+  t, separate = config.train, config.erase.separate_models
+  n_models = len(concepts) if separate else 1
+  if t.concepts_per_step < 1 or (separate and t.concepts_per_step != 1):
+    raise RunError(f'train.concepts_per_step = {t.concepts_per_step}: use a positive number of concepts averaged '
+                   'per step, and 1 with erase.separate_models (each model erases its own concept).')
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.concept)
+  if n_models % mesh.shape['concept']:
+    raise RunError(f'mesh.concept = {mesh.shape["concept"]} does not divide the {n_models} models of this run; '
+                   'choose a concept axis size that divides the number of concepts (with erase.separate_models).')
   place = lambda key, shape: jax.sharding.NamedSharding(mesh, sharding.param_spec(shape, mesh, config.mesh.min_shard_size))
   pipe = pipe or load_model(config, sharding=place)
 
@@ -150,61 +179,111 @@ def erase(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None
   scheduler = objective.scheduler(pipe.scheduler_config)
   size = config.erase.resolution or None
   h, w = latent_size(pipe, size, size)
-  prompts = jax.device_put(encode_concepts(pipe, concepts, erase_from, height=size, width=size),
-                           sharding.replicated(mesh))
+  latent_shape = (h, w, pipe.unet.config['in_channels'])
+  prompts = encode_concepts(pipe, concepts, objective.negative_guidance, height=size, width=size)
   tx = esd.optimizer(t.learning_rate)
+  init = functools.partial(esd.init_state, tx=tx)
+  step_kwargs = dict(layout=layout, objective=objective, scheduler=scheduler, tx=tx)
+  base = {k: frozen[k] for k in keys}
 
-  trained_sh = {k: frozen_sh[k] for k in keys}
-  # A copy, not the frozen arrays themselves: the train state is donated to each step.
-  trained = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=trained_sh)({k: frozen[k] for k in keys})
-  abstract = jax.eval_shape(functools.partial(esd.init_state, tx=tx), trained)
+  if separate:
+    prompts = esd.per_model(prompts)
+    shared, split = sharding.replicated(mesh), sharding.over_models(mesh)
+    prompts = jax.device_put(prompts, esd.Prompts(jax.tree.map(lambda _: shared, prompts.uncond),
+                                                  *[jax.tree.map(lambda _: split, f) for f in prompts[1:]]))
+    trained_sh = {k: sharding.stacked(frozen_sh[k]) for k in keys}
+    # Every model starts from the base weights; the broadcast materialises one copy per model.
+    trained = jax.jit(lambda p: jax.tree.map(lambda a: jnp.broadcast_to(a, (n_models, *a.shape)), p),
+                      out_shardings=trained_sh)(base)
+    init = jax.vmap(init)
+    draws_sh = esd.Draws(*[sharding.over_models(mesh)] * 4)
+    seeds = jnp.arange(n_models) + t.seed
+
+    def draw_fn(i):  # model m draws as a one-concept run with seed train.seed + m would
+      one = lambda seed: esd.draw(jax.random.fold_in(jax.random.key(seed), i), objective, scheduler,
+                                  batch=t.batch_size, latent_shape=latent_shape, num_concepts=1)
+      return jax.vmap(one)(seeds)
+    step = functools.partial(esd.separate_train_step, **step_kwargs)
+  else:
+    prompts = jax.device_put(prompts, sharding.replicated(mesh))
+    trained_sh = {k: frozen_sh[k] for k in keys}
+    # A copy, not the frozen arrays themselves: the train state is donated to each step.
+    trained = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=trained_sh)(base)
+    per_step = t.concepts_per_step
+    batch_sh = sharding.batch_sharding(mesh, t.batch_size, 4 + (per_step > 1), batch_axis=int(per_step > 1))
+    draws_sh = esd.Draws(batch_sh, *[sharding.replicated(mesh)] * 3)
+    base_key = jax.random.key(t.seed)
+
+    def draw_fn(i):
+      return esd.draw(jax.random.fold_in(base_key, i), objective, scheduler, batch=t.batch_size,
+                      latent_shape=latent_shape, num_concepts=len(concepts), per_step=per_step)
+    step = lambda state, frozen, prompts, draws, active: esd.train_step(state, frozen, prompts, draws, **step_kwargs)
+
+  abstract = jax.eval_shape(init, trained)
   state_sh = sharding.like_params(abstract, trained_sh, mesh)
-  state = jax.jit(functools.partial(esd.init_state, tx=tx), out_shardings=state_sh)(trained)
+  state = jax.jit(init, out_shardings=state_sh)(trained)
+  active_sh = sharding.replicated(mesh)  # which models still train: n_models booleans, on every device
+  active = jax.device_put(jnp.ones((n_models,), bool), active_sh)
+  failed: dict[int, str] = {}
 
   ckpt_dir = (workdir / 'checkpoints').resolve()
   manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
       max_to_keep=config.checkpoint.keep, enable_async_checkpointing=True))
   start = manager.latest_step() or 0
   if start:
-    saved = manager.restore(start, args=ocp.args.Composite(run=ocp.args.JsonRestore()))['run']
-    _check_resumable(saved, metadata, ckpt_dir)
+    saved = manager.restore(start, args=ocp.args.Composite(run=ocp.args.JsonRestore(),
+                                                            failed=ocp.args.JsonRestore()))
+    _check_resumable(saved['run'], metadata, ckpt_dir)
+    failed = {int(k): v for k, v in saved['failed'].items()}
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
     state = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
+    active = jax.device_put(jnp.asarray([i not in failed for i in range(n_models)]), active_sh)
     logging.info('Resumed from step %d of %s', start, ckpt_dir)
 
-  draws_sh = esd.Draws(sharding.batch_sharding(mesh, t.batch_size, 4), *[sharding.replicated(mesh)] * 3)
-  step_fn = jax.jit(
-      functools.partial(esd.train_step, layout=layout, objective=objective, scheduler=scheduler, tx=tx),
-      in_shardings=(state_sh, frozen_sh, sharding.replicated(mesh), draws_sh),
-      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
-  draw_fn = jax.jit(functools.partial(esd.draw, objective=objective, scheduler=scheduler, batch=t.batch_size,
-                                      latent_shape=(h, w, pipe.unet.config['in_channels']),
-                                      num_concepts=len(concepts)), out_shardings=draws_sh)
-  base_key = jax.random.key(t.seed)
+  step_fn = jax.jit(step, in_shardings=(state_sh, frozen_sh, jax.tree.map(lambda a: a.sharding, prompts),
+                                        draws_sh, active_sh),
+                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  draw_fn = jax.jit(draw_fn, out_shardings=draws_sh)
 
   def save(step: int, state) -> None:
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               run=ocp.args.JsonSave(metadata)), force=True)
+                                               run=ocp.args.JsonSave(metadata),
+                                               failed=ocp.args.JsonSave({str(k): v for k, v in failed.items()})),
+                 force=True)
 
   log = _metrics_log(workdir / 'metrics.jsonl', start)
   bar = tqdm(range(start, t.iterations), initial=start, total=t.iterations, desc='erase', unit='it',
              disable=not progress)
   try:
     for i in bar:
-      draws = draw_fn(jax.random.fold_in(base_key, i))
+      draws = draw_fn(i)
       tick = time.perf_counter()
-      state, metrics = step_fn(state, frozen, prompts, draws)
-      loss = float(metrics['loss'])  # waits for the step: the loss is checked before anything is saved
-      if not math.isfinite(loss):
+      state, metrics = step_fn(state, frozen, prompts, draws, active)
+      losses = np.asarray(metrics['loss']).reshape(-1)  # waits for the step: checked before anything is saved
+      if separate:
+        stepped = np.asarray(metrics['active'])
+        for m in np.flatnonzero(np.asarray(active) & ~stepped):
+          failed[int(m)] = f'loss {losses[m]} at iteration {i + 1}; stopped, kept iteration {i}'
+          logging.warning('Model %d (%r): the loss is %s at iteration %d; stopped it, the others go on.',
+                          m, concepts[m].prompt, losses[m], i + 1)
+        active = metrics['active']
+        if not stepped.any():
+          raise RunError(f'Iteration {i + 1}: every model has stopped ({failed}). Lower train.learning_rate or '
+                         'use train.compute_dtype=float32.')
+      elif not math.isfinite(losses[0]):
         manager.wait_until_finished()
         last = manager.latest_step()
-        raise RunError(f'Iteration {i + 1}: the loss is {loss}. Stopped before saving it; the last good '
+        raise RunError(f'Iteration {i + 1}: the loss is {losses[0]}. Stopped before saving it; the last good '
                        f'checkpoint is step {last} in {ckpt_dir}' if last else
-                       f'Iteration {i + 1}: the loss is {loss}. Stopped; no checkpoint was written yet.'
+                       f'Iteration {i + 1}: the loss is {losses[0]}. Stopped; no checkpoint was written yet.'
                        ' Lower train.learning_rate or use train.compute_dtype=float32.')
-      log.write(json.dumps({'step': i + 1, 'loss': loss, 'draw_step': int(draws.step), 't': int(draws.t),
-                            'concept': concepts[int(draws.concept)], 'seconds': time.perf_counter() - tick}) + '\n')
-      bar.set_postfix(loss=f'{loss:.5f}')
+      record = {'step': i + 1, 'loss': losses.tolist() if separate else float(losses[0]),
+                'seconds': time.perf_counter() - tick}
+      if not separate:
+        record.update(draw_step=np.asarray(draws.step).tolist(), t=np.asarray(draws.t).tolist(),
+                      concept=[concepts[c].prompt for c in np.asarray(draws.concept).reshape(-1)])
+      log.write(json.dumps(record) + '\n')
+      bar.set_postfix(loss=f'{np.nanmean(np.where(np.isfinite(losses), losses, np.nan)):.5f}')
       if (i + 1) % t.checkpoint_every == 0 or i + 1 == t.iterations:
         save(i + 1, state)
   finally:
@@ -212,5 +291,6 @@ def erase(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None
     log.close()
     manager.wait_until_finished()
     manager.close()
-  return Erased(trained=dict(state.trained), metadata={**metadata, 'iterations': t.iterations}, workdir=workdir,
-                pipe=pipe)
+  return Erased(trained=dict(state.trained), workdir=workdir, pipe=pipe, concepts=concepts, failed=failed,
+                metadata={**metadata, 'iterations': t.iterations,
+                          'seconds': round(time.perf_counter() - run_start, 1)})

@@ -1,12 +1,15 @@
-"""Runs a short erasure on N emulated CPU devices and saves the trained tensors (for tests/test_train.py).
+"""Runs a short erasure on N emulated CPU devices and saves the trained tensors (for tests/test_train.py and
+tests/test_batch.py).
 
-    python tests/sharded_erase.py DEVICES DATA FSDP MODEL WORKDIR OUT.npz
+    python tests/sharded_erase.py DEVICES DATA FSDP MODEL WORKDIR OUT.npz [CONCEPT]
+
+With CONCEPT (the mesh's concept axis size), four separate models are erased at once (erase.separate_models).
 """
 
 import os
 import sys
 
-devices, data, fsdp, model, workdir, out = sys.argv[1:]
+devices, data, fsdp, model, workdir, out, *concept = sys.argv[1:]
 os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'  # before jax is imported
 os.environ['JAX_PLATFORMS'] = 'cpu'
 
@@ -23,6 +26,10 @@ config.erase.method, config.erase.ddim_steps = 'esd-x', 4
 config.train.iterations, config.train.checkpoint_every, config.train.batch_size = 10, 100, 2
 config.train.learning_rate = 1e-4
 config.mesh.data, config.mesh.fsdp, config.mesh.min_shard_size = int(data), int(fsdp), 2048
+if concept:
+  config.erase.concepts = ('a cat', 'a dog', 'a car', 'a church')
+  config.erase.separate_models, config.mesh.concept = True, int(concept[0])
+  config.train.batch_size = 1
 result = erase(config, progress=False)
 assert jax.device_count() == int(devices)
 split = {}
@@ -31,4 +38,7 @@ for k, v in result.trained.items():
   split[k] = int(len(v.sharding.device_set) > 1 and shards != {v.shape})
 np.savez(out, **{k: np.asarray(v) for k, v in result.trained.items()},
          **{'split/' + k: np.int32(s) for k, s in split.items()},
-         **{'spec/' + k: str(v.sharding.spec) for k, v in result.trained.items()})
+         **{'spec/' + k: str(v.sharding.spec) for k, v in result.trained.items()},
+         # models per device: the leading (model) axis of every shard of a stacked tensor
+         **{'shard_models/' + k: max(s.data.shape[0] for s in v.addressable_shards)
+            for k, v in result.trained.items()})

@@ -16,7 +16,7 @@ def _main(*args, cwd):
 
 
 def test_generate_writes_images_and_grid(tmp_path):
-  result = _main('generate', '--config.generate.steps=2', '--config.generate.seeds=(0,1)',
+  result = _main('generate', '--config.model=tiny-random', '--config.generate.steps=2', '--config.generate.seeds=(0,1)',
                  "--config.generate.prompts=('a cat','a dog')", f'--config.workdir={tmp_path}', cwd=tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   out = tmp_path / 'generate'

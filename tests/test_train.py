@@ -28,7 +28,7 @@ def model(tmp_path_factory):
 def _config(model, workdir, **train):
   config = get_config()
   config.model, config.workdir = str(model), str(workdir)
-  config.erase.ddim_steps = 10
+  config.erase.method, config.erase.ddim_steps = 'esd-x', 10
   config.train.update({'iterations': 4, 'checkpoint_every': 2, **train})
   return config
 
@@ -55,7 +55,8 @@ def test_sharded_run_equals_single_device_and_splits_tensors(model, tmp_path):
 def _erase_cli(model, workdir, iterations):
   return [sys.executable, str(ROOT / 'main.py'), 'erase', f'--config.model={model}', f'--config.workdir={workdir}',
           f'--config.train.iterations={iterations}', '--config.train.checkpoint_every=2',
-          '--config.erase.ddim_steps=4', '--config.train.learning_rate=1e-4']
+          '--config.erase.ddim_steps=4', '--config.train.learning_rate=1e-4', '--config.erase.method=esd-x',
+          "--config.export.formats=('trained',)", '--config.evaluate.classifier=']
 
 
 def test_sigkill_then_resume_equals_uninterrupted(model, tmp_path):
