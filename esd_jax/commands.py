@@ -285,19 +285,26 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
 
 def train_world(config: ml_collections.ConfigDict) -> Path:
   """Trains the shapes-world pipeline and its classifier (configs/train_world.py) into config.output."""
-  from convert.files import write_json
-  from esd_jax import classifier
   from esd_jax.world_model import Recipe, train_world_model
 
   out = Path(config.output)
-  start = time.perf_counter()
-  judge = classifier.train_classifier(config.classifier.steps, config.classifier.seed)
-  accuracy = {'clean': classifier.evaluate(judge), 'degraded': classifier.evaluate(judge, augmented=True)}
-  classifier.save_classifier(judge, out / 'shapes_classifier')
-  write_json(out / 'shapes_classifier' / 'training.json',
-             {**config.classifier.to_dict(), 'held_out_accuracy': accuracy,
-              'seconds': round(time.perf_counter() - start, 1)})
-  print(f'Classifier: held-out accuracy {accuracy}')
+  train_judge(config.classifier.steps, config.classifier.seed, out / 'shapes_classifier')
   _, record = train_world_model(out / 'shapes_world', Recipe(**config.world.to_dict()))
   print(f'Shapes-world pipeline: {out / "shapes_world"} ({record["seconds"]})')
   return out
+
+
+def train_judge(steps: int, seed: int, folder: Path) -> dict:
+  """Trains the shapes classifier, saves it to `folder` with training.json (settings, held-out accuracy)."""
+  from convert.files import write_json
+  from esd_jax import classifier
+
+  start = time.perf_counter()
+  judge = classifier.train_classifier(steps, seed)
+  record = {'steps': steps, 'seed': seed, 'seconds': round(time.perf_counter() - start, 1),
+            'held_out_accuracy': {'clean': classifier.evaluate(judge),
+                                  'degraded': classifier.evaluate(judge, augmented=True)}}
+  classifier.save_classifier(judge, folder)
+  write_json(folder / 'training.json', record)
+  print(f'Classifier: {folder}, held-out accuracy {record["held_out_accuracy"]}')
+  return record
