@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from convert import load_pipeline
-from esd_jax import classifier, shapes
+from esd_jax import classifier
 from esd_jax.evaluate import SHAPES_CLASSIFIER, SHAPES_WORLD, Sampling, generate_diffusers, generate_jax, score
 from esd_jax.world_model import UNET, VAE, Recipe
 
@@ -42,4 +42,3 @@ def test_diffusers_runs_the_shipped_pipeline_as_we_do(pipe):
   assert np.abs(ours - theirs).max() <= 2 / 255
   judge = classifier.load_classifier(SHAPES_CLASSIFIER)
   assert score(judge, prompts, ours) == score(judge, prompts, theirs)
-  assert shapes.parse('a blue cross') == (3, 2)

@@ -1,0 +1,39 @@
+"""The default job end to end, shortened only in how many images measure it: erase "circle" from the shipped
+shapes-world model with the default recipe, check the erasure criteria of issue 4 on the report, and check that
+the exported diffusers pipeline, run by diffusers in PyTorch, draws what our erased model draws."""
+
+import json
+
+import numpy as np
+import pytest
+
+from configs.default import get_config
+from esd_jax import commands
+from esd_jax.evaluate import SHAPES_CLASSIFIER, Sampling, generate_diffusers, generate_jax, load_judge, score
+from esd_jax.shapes import COLOUR_NAMES
+
+SEEDS = 16  # the report in the README uses 64
+
+
+@pytest.mark.parity
+def test_default_erasure_meets_the_criteria_in_jax_and_in_diffusers(tmp_path):
+  config = get_config()
+  config.workdir = str(tmp_path)
+  config.evaluate.seeds = SEEDS
+  result = commands.erase(config)
+  report = json.loads((tmp_path / 'report.json').read_text())
+  (summary,) = report['models']['erased']['summary']
+  assert summary['concept'] == 'circle' and summary['base_rate'] >= 0.9
+  assert summary['erased_rate'] <= 0.10, summary
+  assert summary['max_other_drop'] <= 0.10, summary
+  assert (tmp_path / 'erasure.png').stat().st_size > 0
+
+  # The exported pipeline in diffusers/PyTorch draws the same images, so it meets the same criteria.
+  prompts = [f'a {c} circle' for c in COLOUR_NAMES] + ['a red square', 'a blue cross']
+  seeds, sampling = list(range(4)), Sampling()
+  theirs = generate_diffusers(tmp_path / 'erased' / 'pipeline', prompts, seeds, sampling, latent_shape=(8, 8, 4))
+  from convert.export import erased_pipeline
+  ours = generate_jax(erased_pipeline(result.pipe, result.trained), prompts, seeds, sampling)
+  assert np.abs(ours - theirs).max() <= 2 / 255
+  judge = load_judge(SHAPES_CLASSIFIER)
+  assert score(judge, prompts, theirs) == score(judge, prompts, ours)
