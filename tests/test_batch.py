@@ -95,8 +95,9 @@ def test_several_concepts_per_step_average_their_losses(model):
   draws = esd.draw(jax.random.key(0), objective, scheduler, batch=1, latent_shape=(16, 16, 4), num_concepts=3,
                    per_step=2)
   assert draws.x_T.shape == (2, 1, 16, 16, 4) and len(set(np.asarray(draws.concept).tolist())) == 2
-  loss = functools.partial(esd.esd_loss, layout=layout, objective=objective, scheduler=scheduler, prompts=prompts)
-  mean, _ = esd.mean_esd_loss(trained, frozen, layout, objective, scheduler, prompts, draws)
+  static = dict(layout=layout, objective=objective, scheduler=scheduler, prompts=prompts)
+  loss = jax.jit(functools.partial(esd.esd_loss, **static))
+  mean, _ = jax.jit(functools.partial(esd.mean_esd_loss, **static))(trained, frozen, draws=draws)
   each = [loss(trained, frozen, draws=jax.tree.map(lambda a: a[j], draws))[0] for j in range(2)]
   np.testing.assert_allclose(float(mean), float(jnp.mean(jnp.stack(each))), rtol=1e-6)
   assert float(each[0]) != float(each[1])
