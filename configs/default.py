@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.erase = ml_collections.ConfigDict()
   config.erase.concepts = ('circle',)  # one is drawn per iteration
   config.erase.erase_from = ''  # erase a concept only from this prompt; '' for none; or one per concept
-  config.erase.concepts_file = ''  # a text/CSV/JSON file of concepts (esd_jax/concepts.py); replaces concepts and erase_from
+  config.erase.concepts_file = ''  # text/CSV/JSON file of concepts (esd_jax/concepts.py), instead of the two above
   config.erase.separate_models = False  # True: one erased model per concept, trained together (batched)
   config.erase.method = 'esd-u'  # esd-x | esd-u | esd-x-strict | esd-self | esd-all | notime | xlayer |
   #                                selflayer (CompVis aliases xattn, noxattn, selfattn, full) | patterns
