@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from flax import nnx
 
 from convert.files import SafetensorsReader, atomic_path, write_json, write_safetensors
 from esd_jax import shapes
+from esd_jax.fit import fit
 from esd_jax.models.config import read_config
 from esd_jax.models.layers import Conv2d, GroupNorm, Linear, ParamKeys
 from esd_jax.models.state_dict import abstract, load_state_dict, state_dict
@@ -124,32 +124,22 @@ def _loss(model: ShapesClassifier, images, shape_ids, colour_ids):
 def train_classifier(steps: int = 400, seed: int = 0, *, batch_size: int = 64, learning_rate: float = 3e-3,
                      config: Mapping[str, Any] | None = None,
                      log: Callable[[str], None] | None = print) -> ShapesClassifier:
-  """Trains a classifier from `seed` on freshly drawn, augmented images with Adam (warm-up, cosine decay).
+  """Trains a classifier from `seed` on freshly drawn, augmented images with Adam (warm-up, cosine decay, no
+  clipping), through fit.fit; `log` receives the loss ten times over the run.
 
   Deterministic for a given (steps, seed, batch_size, learning_rate, config) on a given backend.
   """
-  model = build_classifier(config, seed=seed)
-  graphdef, params = nnx.split(model)
-  warmup = max(1, steps // 20)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, warmup + 1))
-  tx = optax.adam(schedule)
-  opt_state = tx.init(params)
+  graphdef, params = nnx.split(build_classifier(config, seed=seed))
 
-  @jax.jit
-  def step(params, opt_state, key, images, shape_ids, colour_ids, noise):
+  def loss(params, key, images, shape_ids, colour_ids, noise):
     x = augment(key, images.astype(jnp.float32) / 255, noise)
-    loss_of = lambda p: _loss(nnx.merge(graphdef, p), x, shape_ids, colour_ids)
-    loss, grads = jax.value_and_grad(loss_of)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return _loss(nnx.merge(graphdef, params), x, shape_ids, colour_ids)
 
-  rng, key = np.random.default_rng(seed), jax.random.key(seed)
-  start = time.perf_counter()
-  for i in range(steps):
-    batch = training_batch(rng, batch_size)
-    params, opt_state, loss = step(params, opt_state, jax.random.fold_in(key, i), *batch)
-    if log and (i + 1) % max(1, steps // 10) == 0:
-      log(f'classifier step {i + 1}/{steps}: loss {float(loss):.4f} ({time.perf_counter() - start:.0f} s)')
+  params, history = fit(params, loss, lambda rng: training_batch(rng, batch_size), steps=steps, seed=seed,
+                        learning_rate=learning_rate, clip=None, desc='classifier',
+                        log_every=max(1, steps // 10) if log else 0)
+  for h in history:
+    log(f'classifier step {h["step"]}/{steps}: loss {h["loss"]:.4f} ({h["seconds"]:.0f} s)')
   return nnx.merge(graphdef, params)
 
 

@@ -19,20 +19,26 @@ from esd_jax.generate import text_to_image
 _COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def load_model(config: ml_collections.ConfigDict, *, sharding=None):
-  """The pipeline that `config.model` names (see configs/default.py), each tensor placed by `sharding`."""
-  from convert import load_pipeline
+def model_path(config: ml_collections.ConfigDict) -> str | Path:
+  """Where `config.model` lives: the built-in names resolved to their folders (tiny-random built on first use)."""
   from esd_jax.tiny import random_pipeline
 
-  path = config.model
-  if path == 'shapes-world':
-    path = SHAPES_WORLD
-  elif path == 'tiny-random':
+  if config.model == 'shapes-world':
+    return SHAPES_WORLD
+  if config.model == 'tiny-random':
     path = Path(config.workdir) / 'tiny-random'
     if not (path / 'model_index.json').is_file():
       logging.info('Building the small random pipeline in %s', path)
       random_pipeline(path)
-  return load_pipeline(path, variant=config.variant or None, tokenizer=config.tokenizer or None,
+    return path
+  return config.model
+
+
+def load_model(config: ml_collections.ConfigDict, *, sharding=None):
+  """The pipeline that `config.model` names (see configs/default.py), each tensor placed by `sharding`."""
+  from convert import load_pipeline
+
+  return load_pipeline(model_path(config), variant=config.variant or None, tokenizer=config.tokenizer or None,
                        prediction_type=config.prediction_type or None, sharding=sharding)
 
 
@@ -84,10 +90,11 @@ def erase(config: ml_collections.ConfigDict):
   out = Path(config.workdir) / 'erased'
   kwargs = dict(dtype=config.export.dtype, metadata=result.metadata)
   if config.erase.separate_models:
-    models = [(f'{i:03d}-{_slug(c.prompt)}', dataclasses.asdict(c), trained) for i, c, trained in result.models()]
-    failed = [{**dataclasses.asdict(result.concepts[i]), 'name': f'{i:03d}-{_slug(result.concepts[i].prompt)}',
-               'why': why} for i, why in sorted(result.failed.items())]
-    manifest = export_models(result.pipe, models, out, config.export.formats, failed=failed, **kwargs)
+    names = [f'{i:03d}-{_slug(c.prompt)}' for i, c in enumerate(result.concepts)]
+    models = [(names[i], dataclasses.asdict(c), trained) for i, c, trained in result.models()]
+    failed = [{**dataclasses.asdict(result.concepts[i]), 'name': names[i], 'why': why}
+              for i, why in sorted(result.failed.items())]
+    export_models(result.pipe, models, out, config.export.formats, failed=failed, **kwargs)
     print(f'{len(models)} erased models in {out} (manifest.json); {len(failed)} stopped')
     erased = {name: (erased_pipeline(result.pipe, trained), [c['prompt']]) for name, c, trained in models}
   else:
@@ -117,7 +124,7 @@ def _evaluation(config: ml_collections.ConfigDict):
 def _comparison_grid(path: Path, prompts, columns: dict[str, np.ndarray], n: int) -> Path:
   """Rows: prompts; columns: the first n seeds of each model, model after model."""
   rows = [[image for batch in columns.values() for image in batch[i, :n]] for i in range(len(prompts))]
-  labels = [f'{name} {j}' for name in columns for j in range(min(n, next(iter(columns.values())).shape[1]))]
+  labels = [f'{name} {j}' for name, batch in columns.items() for j in range(batch[:, :n].shape[1])]
   return images.save_grid(path, rows, row_labels=list(prompts), col_labels=labels,
                           scale=max(1, 128 // rows[0][0].shape[0]))
 
@@ -181,7 +188,7 @@ def evaluate(config: ml_collections.ConfigDict) -> dict:
   if e.backend == 'jax':
     generated = generate_jax(pipe, prompts, seeds, sampling)
   elif e.backend == 'diffusers':
-    folder = SHAPES_WORLD if config.model == 'shapes-world' else Path(config.model)
+    folder = Path(model_path(config))
     if config.export.weights or not (folder / 'model_index.json').is_file():
       raise ValueError('evaluate.backend=diffusers runs a diffusers pipeline folder as it is: point '
                        '--config.model at one (e.g. an erased model exported with export.formats=diffusers) '

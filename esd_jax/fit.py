@@ -19,24 +19,26 @@ from tqdm import tqdm
 Params = Any
 
 
-def adam(steps: int, learning_rate: float, *, clip: float = 1.0) -> optax.GradientTransformation:
-  """Adam on a 5 % linear warm-up then cosine decay to zero, after global-norm clipping."""
+def adam(steps: int, learning_rate: float, *, clip: float | None = 1.0) -> optax.GradientTransformation:
+  """Adam on a 5 % linear warm-up then cosine decay to zero, after global-norm clipping (clip=None: none)."""
   warmup = max(1, steps // 20)
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, warmup + 1))
+  if clip is None:
+    return optax.adam(schedule)
   return optax.chain(optax.clip_by_global_norm(clip), optax.adam(schedule))
 
 
 def fit(params: Params, loss_fn: Callable[..., jax.Array], next_batch: Callable[[np.random.Generator], tuple],
-        *, steps: int, seed: int, learning_rate: float, ema_decay: float | None = None,
+        *, steps: int, seed: int, learning_rate: float, clip: float | None = 1.0, ema_decay: float | None = None,
         desc: str = 'train', log_every: int = 0) -> tuple[Params, list[dict[str, float]]]:
   """Minimises `loss_fn(params, key, *batch)` over `steps` fresh batches from `next_batch(rng)`.
 
-  Returns the final parameters (their exponential moving average when `ema_decay` is set, with the usual
+  Gradients are clipped to global norm `clip` (None: not clipped). Returns the final parameters (their exponential moving average when `ema_decay` is set, with the usual
   warm-up min(decay, (1 + i) / (10 + i))) and a log of {step, loss, seconds} every `log_every` steps.
   Deterministic for a given seed on a given backend: batches come from numpy's default_rng(seed), the
   step's key is fold_in(key(seed), i).
   """
-  tx = adam(steps, learning_rate)
+  tx = adam(steps, learning_rate, clip=clip)
 
   @jax.jit
   def step(params, opt_state, ema, i, key, *batch):

@@ -283,7 +283,7 @@ def erase(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None
         record.update(draw_step=np.asarray(draws.step).tolist(), t=np.asarray(draws.t).tolist(),
                       concept=[concepts[c].prompt for c in np.asarray(draws.concept).reshape(-1)])
       log.write(json.dumps(record) + '\n')
-      bar.set_postfix(loss=f'{np.nanmean(np.where(np.isfinite(losses), losses, np.nan)):.5f}')
+      bar.set_postfix(loss=f'{np.mean(losses[np.isfinite(losses)]):.5f}')  # finite ones: a stopped model's may not be
       if (i + 1) % t.checkpoint_every == 0 or i + 1 == t.iterations:
         save(i + 1, state)
   finally:
