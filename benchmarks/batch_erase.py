@@ -7,10 +7,12 @@ For each method and N, both sides do exactly the same work: models m = 0…N-1, 
 with the draws esd_jax/train.py gives it (seed m, fold_in(i); the `paper` convention, so the sampled x_t and
 its number of DDIM steps differ per model and iteration). Sequential: one jitted single-model step
 (esd.train_step, as a one-concept run compiles it) called N × iters times. Batched: esd.separate_train_step
-(vmap over the model axis, one shared frozen base) called iters times. Both are warmed up first (compilation
-not timed). Reported: wall seconds per iteration of all N models, the speed-up (sequential / batched), and
-the memory each added model costs (its trained tensors and Adam moments, from the arrays' sizes; the frozen
-base is shared). `--model sd-v1-4-random` builds an SD 1.4-sized UNet with random weights and random
+(vmap over the model axis, one shared frozen base) called iters times. Both are warmed up first; the first
+call's time (compilation) is reported apart. Then the same again with the models' sampler lengths aligned
+(train.shared_timesteps). Reported: wall seconds per iteration of all N models, the speed-ups (sequential /
+batched), the throughput gain of one UNet forward at batch 2N over batch 2 (what batching alone can buy on
+this device), and the memory each added model costs (its trained tensors and Adam moments, from the arrays'
+sizes; the frozen base is shared). `--model sd-v1-4-random` builds an SD 1.4-sized UNet with random weights and random
 77-token text embeddings, at 512 px (64×64 latents).
 """
 
@@ -69,6 +71,24 @@ def nbytes(tree) -> int:
   return sum(a.nbytes for a in jax.tree.leaves(tree))
 
 
+def unet_ms_per_image(unet, prompts: esd.Prompts, latent_shape, batch: int, reps: int = 20) -> float:
+  """Milliseconds per latent of one jitted UNet forward at this batch size: how much batching alone can gain."""
+  context = jnp.broadcast_to(prompts.concept.context[:1], (batch, *prompts.concept.context.shape[1:]))
+  forward = jax.jit(lambda x, c: unet(x, jnp.int32(500), c, None))
+  x = jnp.ones((batch, *latent_shape))
+  forward(x, context).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(reps):
+    forward(x, context).block_until_ready()
+  return (time.perf_counter() - start) / reps / batch * 1e3
+
+
+def timed(fn, *args):
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return out, time.perf_counter() - start
+
+
 def bench(model: str, method: str, ns: list[int], iters: int, dtype: str) -> list[dict]:
   unet, scheduler_config, prompts, latent_shape = setup(model)
   layout, frozen = split_flat(unet)
@@ -83,39 +103,47 @@ def bench(model: str, method: str, ns: list[int], iters: int, dtype: str) -> lis
 
   single = jax.jit(functools.partial(esd.train_step, **kwargs), donate_argnums=(0,))
   batched = jax.jit(functools.partial(esd.separate_train_step, **kwargs), donate_argnums=(0,))
-  draw_one = jax.jit(lambda seed, i: draw(jax.random.fold_in(jax.random.key(seed), i)))
   draw_many = jax.jit(lambda seeds, i: jax.vmap(lambda s: draw(jax.random.fold_in(jax.random.key(s), i)))(seeds))
+  # The sampler runs 2 latents per model and step (classifier-free guidance).
+  per_image_1 = unet_ms_per_image(unet, prompts, latent_shape, 2)
+  warm = esd.init_state(jax.tree.map(jnp.copy, base), tx)
+  _, compile_single = timed(single, warm, frozen, rows_of(prompts, 0, 1), jax.tree.map(lambda a: a[0], draw_many(
+      jnp.arange(1), 0)))  # the first call compiles
   rows = []
   for n in ns:
-    # Sequential: N one-model runs, one after another.
-    states = [esd.init_state(jax.tree.map(jnp.copy, base), tx) for _ in range(n)]
-    states[0], _ = single(states[0], frozen, rows_of(prompts, 0, 1), draw_one(0, iters))  # warm-up (compiles)
-    jax.block_until_ready(states[0])
-    start = time.perf_counter()
-    for m in range(n):
-      for i in range(iters):
-        states[m], metrics = single(states[m], frozen, rows_of(prompts, m, m + 1), draw_one(m, i))
-      jax.block_until_ready(metrics)
-    sequential = (time.perf_counter() - start) / iters
-    del states
-
-    # Batched: the same N models and draws, one vmapped step per iteration.
     stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), base)
-    state = jax.vmap(functools.partial(esd.init_state, tx=tx))(stacked)
-    per_model = nbytes(state) // n
+    init = jax.vmap(functools.partial(esd.init_state, tx=tx))
+    per_model = nbytes(init(stacked)) // n
     model_prompts = esd.per_model(rows_of(prompts, 0, n))
     active, seeds = jnp.ones((n,), bool), jnp.arange(n)
-    state, _ = batched(state, frozen, model_prompts, draw_many(seeds, iters), active)  # warm-up
-    jax.block_until_ready(state)
-    start = time.perf_counter()
-    for i in range(iters):
-      state, metrics = batched(state, frozen, model_prompts, draw_many(seeds, i), active)
-    jax.block_until_ready(metrics)
-    together = (time.perf_counter() - start) / iters
-    rows.append({'method': method, 'n': n, 'sequential_s': sequential, 'batched_s': together,
-                 'speedup': sequential / together, 'per_model_mb': per_model / 2**20,
-                 'frozen_mb': nbytes(frozen) / 2**20, 'trained_tensors': len(keys)})
-    del state
+    row = {'method': method, 'n': n, 'per_model_mb': per_model / 2**20, 'frozen_mb': nbytes(frozen) / 2**20,
+           'compile_single_s': compile_single,
+           'unet_gain': per_image_1 / unet_ms_per_image(unet, prompts, latent_shape, 2 * n)}
+    # Each model's own draws (as train.py gives them), then with the sampler lengths aligned
+    # (train.shared_timesteps: each model's own noise, model 0's t_enc and t); both sides the same draws.
+    for mode, draws_of in (('own', draw_many), ('shared', lambda s, i: esd.share_timesteps(draw_many(s, i)))):
+      draws = [draws_of(seeds, i) for i in range(iters + 1)]  # the last one for the warm-ups
+      model_draws = lambda m, i: jax.tree.map(lambda a: a[m], draws[i])
+      # Sequential: N one-model runs, one after another.
+      states = [esd.init_state(jax.tree.map(jnp.copy, base), tx) for _ in range(n)]
+      start = time.perf_counter()
+      for m in range(n):
+        for i in range(iters):
+          states[m], metrics = single(states[m], frozen, rows_of(prompts, m, m + 1), model_draws(m, i))
+        jax.block_until_ready(metrics)
+      row[f'{mode}_sequential_s'] = (time.perf_counter() - start) / iters
+      del states
+      # Batched: the same N models and draws, one vmapped step per iteration.
+      state = init(stacked)
+      (state, _), seconds = timed(batched, state, frozen, model_prompts, draws[iters], active)
+      row.setdefault('compile_batched_s', seconds)  # the first call for this N compiles
+      start = time.perf_counter()
+      for i in range(iters):
+        state, metrics = batched(state, frozen, model_prompts, draws[i], active)
+      jax.block_until_ready(metrics)
+      row[f'{mode}_batched_s'] = (time.perf_counter() - start) / iters
+      del state
+    rows.append(row)
   return rows
 
 
@@ -129,13 +157,17 @@ def main() -> None:
   args = parser.parse_args()
   print(f'{args.model}, paper convention, 50 DDIM steps, batch 1, {args.dtype}, {jax.devices()[0].platform} '
         f'({jax.device_count()} device), {args.iters} timed iterations per N')
-  print('| method | N | sequential s/it (N runs) | batched s/it | speed-up | MB per added model | frozen base MB |')
-  print('|---|---|---|---|---|---|---|')
+  print('| method | N | own draws: sequential s/it (N runs) | batched s/it | speed-up | shared timesteps: '
+        'sequential s/it | batched s/it | speed-up | UNet throughput, batch 2N vs 2 | compile s: one run / batched | '
+        'MB per added model | frozen base MB |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|')
   for method in args.methods:
     for r in bench(args.model, method, args.n, args.iters, args.dtype):
-      print(f'| {r["method"]} | {r["n"]} | {r["sequential_s"]:.3f} | {r["batched_s"]:.3f} | '
-            f'{r["speedup"]:.2f}× | {r["per_model_mb"]:.2f} | {r["frozen_mb"]:.1f} |', flush=True)
-
+      speedups = {m: r[f'{m}_sequential_s'] / r[f'{m}_batched_s'] for m in ('own', 'shared')}
+      print(f'| {r["method"]} | {r["n"]} | {r["own_sequential_s"]:.3f} | {r["own_batched_s"]:.3f} | '
+            f'{speedups["own"]:.2f}× | {r["shared_sequential_s"]:.3f} | {r["shared_batched_s"]:.3f} | '
+            f'{speedups["shared"]:.2f}× | {r["unet_gain"]:.2f}× | {r["compile_single_s"]:.0f} / '
+            f'{r["compile_batched_s"]:.0f} | {r["per_model_mb"]:.2f} | {r["frozen_mb"]:.1f} |', flush=True)
 
 if __name__ == '__main__':
   main()

@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   # below, which the shapes-world recipe search chose (README); configs/sd14_*.py hold the paper's own.
   config.erase = ml_collections.ConfigDict()
   config.erase.concepts = ('circle',)  # one is drawn per iteration
-  config.erase.erase_from = ''  # erase a concept only from this prompt; '' for none; or one per concept
+  config.erase.erase_from = ''  # erase the concepts only from this prompt; '' for none (per concept: a concepts file)
   config.erase.concepts_file = ''  # text/CSV/JSON file of concepts (esd_jax/concepts.py), instead of the two above
   config.erase.separate_models = False  # True: one erased model per concept, trained together (batched)
   config.erase.method = 'esd-u'  # esd-x | esd-u | esd-x-strict | esd-self | esd-all | notime | xlayer |
@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.learning_rate = 5e-5
   config.train.batch_size = 1
   config.train.concepts_per_step = 1  # one model, several concepts: draws this many per step, averages losses
+  # separate_models: every model takes model 0's sampler length and timestep each iteration (its own noise), so the
+  # batched sampler pads no model to the longest trajectory (faster; models other than 0 then draw unlike a run alone)
+  config.train.shared_timesteps = False
   config.train.seed = 0
   config.train.compute_dtype = 'float32'  # float32 | bfloat16 (parameters and Adam state stay float32)
   config.train.checkpoint_every = 100

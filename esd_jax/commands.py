@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -90,17 +89,20 @@ def erase(config: ml_collections.ConfigDict):
   out = Path(config.workdir) / 'erased'
   kwargs = dict(dtype=config.export.dtype, metadata=result.metadata)
   if config.erase.separate_models:
-    names = [f'{i:03d}-{_slug(c.prompt)}' for i, c in enumerate(result.concepts)]
-    models = [(names[i], dataclasses.asdict(c), trained) for i, c, trained in result.models()]
-    failed = [{**dataclasses.asdict(result.concepts[i]), 'name': names[i], 'why': why}
-              for i, why in sorted(result.failed.items())]
+    describe = lambda m: {'prompt': result.concepts[result.groups[m][0]].prompt,
+                          'erase_from': [c.erase_from for c in result.model_concepts(m)],
+                          'negative_guidance': [c.negative_guidance for c in result.model_concepts(m)]}
+    names = [f'{m:03d}-{_slug(describe(m)["prompt"])}' for m in range(len(result.groups))]
+    models = [(names[m], describe(m), trained) for m, _, trained in result.models()]
+    failed = [{**describe(m), 'name': names[m], 'why': why} for m, why in sorted(result.failed.items())]
     export_models(result.pipe, models, out, config.export.formats, failed=failed, **kwargs)
     print(f'{len(models)} erased models in {out} (manifest.json); {len(failed)} stopped')
     erased = {name: (erased_pipeline(result.pipe, trained), [c['prompt']]) for name, c, trained in models}
   else:
     for fmt, path in export(result.pipe, result.trained, out, config.export.formats, **kwargs).items():
       print(f'Erased model ({fmt}): {path}')
-    erased = {'erased': (erased_pipeline(result.pipe, result.trained), [c.prompt for c in result.concepts])}
+    concepts = list(dict.fromkeys(c.prompt for c in result.concepts))  # "red" erased from several prompts: once
+    erased = {'erased': (erased_pipeline(result.pipe, result.trained), concepts)}
   if config.evaluate.classifier:
     measure_erasure(config, result.pipe, erased, result.metadata)
   return result

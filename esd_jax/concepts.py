@@ -97,3 +97,12 @@ def of_config(erase: ml_collections.ConfigDict) -> list[Concept]:
                        "--config.erase.concepts=\"('Van Gogh',)\".")
   return [_concept({'concept': p, 'erase_from': f}, f'erase.concepts[{i}]')
           for i, (p, f) in enumerate(zip(prompts, froms))]
+
+
+def by_prompt(concepts: list[Concept]) -> list[list[int]]:
+  """Indices of the concepts grouped by prompt, in order of first appearance: with separate models, one
+  model per distinct concept, erased from each of its lines' erase_from prompts (one drawn per iteration)."""
+  groups: dict[str, list[int]] = {}
+  for i, c in enumerate(concepts):
+    groups.setdefault(c.prompt, []).append(i)
+  return list(groups.values())

@@ -24,7 +24,7 @@ from absl import logging
 from tqdm import tqdm
 
 from esd_jax import esd, methods, sharding
-from esd_jax.concepts import Concept, ConceptError
+from esd_jax.concepts import Concept, ConceptError, by_prompt
 from esd_jax.concepts import of_config as concepts_of
 from esd_jax.generate import encode_prompts, latent_size
 from esd_jax.models.state_dict import split_flat
@@ -39,8 +39,9 @@ class RunError(RuntimeError):
 class Erased:
   """The result of a run: the trained tensors (diffusers keys), what produced them, and the base pipeline.
 
-  With erase.separate_models, every tensor has a leading model axis (model i erases concepts[i]) and
-  `failed` maps the index of each model stopped for a non-finite loss to what happened.
+  With erase.separate_models, every tensor has a leading model axis (model m erases the concepts
+  `groups[m]`: the lines of one concept prompt) and `failed` maps the index of each model stopped for a
+  non-finite loss to what happened.
   """
 
   trained: dict[str, jax.Array]
@@ -48,14 +49,18 @@ class Erased:
   workdir: Path
   pipe: StableDiffusion
   concepts: list[Concept]
+  groups: list[list[int]]
   failed: dict[int, str] = dataclasses.field(default_factory=dict)
 
-  def models(self) -> list[tuple[int, Concept, dict[str, jax.Array]]]:
-    """(index, concept, trained tensors) of each erased model that finished (one unless separate_models)."""
+  def model_concepts(self, m: int) -> list[Concept]:
+    return [self.concepts[j] for j in self.groups[m]]
+
+  def models(self) -> list[tuple[int, list[Concept], dict[str, jax.Array]]]:
+    """(index, its concepts, trained tensors) of each erased model that finished (one unless separate_models)."""
     if not self.metadata['separate_models']:
-      return [(0, self.concepts[0], self.trained)]
-    return [(i, c, {k: v[i] for k, v in self.trained.items()}) for i, c in enumerate(self.concepts)
-            if i not in self.failed]
+      return [(0, self.concepts, self.trained)]
+    return [(m, self.model_concepts(m), {k: v[m] for k, v in self.trained.items()})
+            for m in range(len(self.groups)) if m not in self.failed]
 
 
 def concept_list(erase: ml_collections.ConfigDict) -> list[Concept]:
@@ -108,6 +113,7 @@ def run_metadata(config: ml_collections.ConfigDict, pipe: StableDiffusion, keys:
       'erase_from': [c.erase_from for c in concepts],
       'concept_negative_guidance': [c.negative_guidance for c in concepts],
       'separate_models': e.separate_models, 'concepts_per_step': t.concepts_per_step,
+      'shared_timesteps': t.shared_timesteps,
       'convention': e.convention, 'negative_guidance': e.negative_guidance, 'guidance': e.guidance,
       'ddim_steps': e.ddim_steps, 'sampler': e.sampler, 'resolution': e.resolution,
       'learning_rate': t.learning_rate, 'batch_size': t.batch_size, 'seed': t.seed,
@@ -148,8 +154,9 @@ def erase(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None
   One model learns to forget every concept (one drawn per iteration, or train.concepts_per_step of them
   with their losses averaged), or, with erase.separate_models, one model per concept: their trained
   subsets stacked on a leading axis split over the mesh's `concept` axis, trained in one vmapped step that
-  shares the frozen base. Model i then draws from seed train.seed + i, exactly as a run of concept i alone
-  with that seed. A model whose loss turns non-finite is stopped and reported; the others go on.
+  shares the frozen base (lines of one concept prompt, e.g. with different erase_from, make one model). Model
+  m then draws from seed train.seed + m, exactly as a run of its concept alone with that seed. A model whose
+  loss turns non-finite is stopped and reported; the others go on.
   """
   from esd_jax.commands import load_model
 
@@ -158,14 +165,19 @@ def erase(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None
   _writable(workdir)
   concepts = concept_list(config.erase)
   t, separate = config.train, config.erase.separate_models
-  n_models = len(concepts) if separate else 1
+  groups = by_prompt(concepts) if separate else [list(range(len(concepts)))]
+  n_models = len(groups)
   if t.concepts_per_step < 1 or (separate and t.concepts_per_step != 1):
     raise RunError(f'train.concepts_per_step = {t.concepts_per_step}: use a positive number of concepts averaged '
                    'per step, and 1 with erase.separate_models (each model erases its own concept).')
+  if t.shared_timesteps and not separate:
+    raise RunError('train.shared_timesteps aligns the draws of separate models: set erase.separate_models=True, '
+                   'or leave train.shared_timesteps=False.')
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.concept)
   if n_models % mesh.shape['concept']:
     raise RunError(f'mesh.concept = {mesh.shape["concept"]} does not divide the {n_models} models of this run; '
-                   'choose a concept axis size that divides the number of concepts (with erase.separate_models).')
+                   'choose a concept axis size that divides the number of distinct concepts (with '
+                   'erase.separate_models).')
   place = lambda key, shape: jax.sharding.NamedSharding(mesh, sharding.param_spec(shape, mesh, config.mesh.min_shard_size))
   pipe = pipe or load_model(config, sharding=place)
 
@@ -187,7 +199,7 @@ def erase(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None
   base = {k: frozen[k] for k in keys}
 
   if separate:
-    prompts = esd.per_model(prompts)
+    prompts = esd.per_model(prompts, groups)
     shared, split = sharding.replicated(mesh), sharding.over_models(mesh)
     prompts = jax.device_put(prompts, esd.Prompts(jax.tree.map(lambda _: shared, prompts.uncond),
                                                   *[jax.tree.map(lambda _: split, f) for f in prompts[1:]]))
@@ -197,12 +209,13 @@ def erase(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None
                       out_shardings=trained_sh)(base)
     init = jax.vmap(init)
     draws_sh = esd.Draws(*[sharding.over_models(mesh)] * 4)
-    seeds = jnp.arange(n_models) + t.seed
+    seeds, sizes = jnp.arange(n_models) + t.seed, jnp.asarray([len(g) for g in groups])
 
-    def draw_fn(i):  # model m draws as a one-concept run with seed train.seed + m would
-      one = lambda seed: esd.draw(jax.random.fold_in(jax.random.key(seed), i), objective, scheduler,
-                                  batch=t.batch_size, latent_shape=latent_shape, num_concepts=1)
-      return jax.vmap(one)(seeds)
+    def draw_fn(i):  # model m draws as a run of its concept alone with seed train.seed + m would
+      one = lambda seed, size: esd.draw(jax.random.fold_in(jax.random.key(seed), i), objective, scheduler,
+                                        batch=t.batch_size, latent_shape=latent_shape, num_concepts=size)
+      draws = jax.vmap(one)(seeds, sizes)
+      return esd.share_timesteps(draws) if t.shared_timesteps else draws
     step = functools.partial(esd.separate_train_step, **step_kwargs)
   else:
     prompts = jax.device_put(prompts, sharding.replicated(mesh))
@@ -265,7 +278,7 @@ def erase(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None
         for m in np.flatnonzero(np.asarray(active) & ~stepped):
           failed[int(m)] = f'loss {losses[m]} at iteration {i + 1}; stopped, kept iteration {i}'
           logging.warning('Model %d (%r): the loss is %s at iteration %d; stopped it, the others go on.',
-                          m, concepts[m].prompt, losses[m], i + 1)
+                          m, concepts[groups[m][0]].prompt, losses[m], i + 1)
         active = metrics['active']
         if not stepped.any():
           raise RunError(f'Iteration {i + 1}: every model has stopped ({failed}). Lower train.learning_rate or '
@@ -291,6 +304,7 @@ def erase(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None
     log.close()
     manager.wait_until_finished()
     manager.close()
-  return Erased(trained=dict(state.trained), workdir=workdir, pipe=pipe, concepts=concepts, failed=failed,
+  return Erased(trained=dict(state.trained), workdir=workdir, pipe=pipe, concepts=concepts, groups=groups,
+                failed=failed,
                 metadata={**metadata, 'iterations': t.iterations,
                           'seconds': round(time.perf_counter() - run_start, 1)})

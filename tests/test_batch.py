@@ -20,7 +20,7 @@ from esd_jax import commands, esd
 from esd_jax.concepts import Concept, ConceptError, read_concepts
 from esd_jax.models.state_dict import split_flat
 from esd_jax.tiny import random_pipeline
-from esd_jax.train import encode_concepts, erase
+from esd_jax.train import RunError, encode_concepts, erase
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCEPTS = ('a cat', 'a dog', 'a car')
@@ -72,17 +72,30 @@ def test_concept_files(tmp_path):
 
 @pytest.mark.parametrize('convention', ['paper', 'diffusers-v2'])
 def test_each_model_of_a_batch_equals_its_concept_trained_alone(model, tmp_path, convention):
-  batch = erase(_config(model, tmp_path / 'batch', erase__separate_models=True, erase__convention=convention),
-                progress=False)
-  assert all(v.shape[0] == len(CONCEPTS) for v in batch.trained.values())
-  # Model i of the batch draws from seed train.seed + i, as a run of concept i alone with that seed does.
-  i = 2
-  alone = erase(_config(model, tmp_path / 'alone', (CONCEPTS[i],), train__seed=i, erase__convention=convention),
-                progress=False)
+  # Three models: the two "a dog" lines make one model, erased from both prompts (one drawn per iteration).
+  lines = 'concept,erase_from\na cat,\na dog,a puppy\na dog,a dog on grass\na car,\n'
+  (tmp_path / 'all.csv').write_text(lines)
+  (tmp_path / 'dog.csv').write_text(''.join(lines.splitlines(keepends=True)[i] for i in (0, 2, 3)))
+  batch = erase(_config(model, tmp_path / 'batch', erase__concepts_file=str(tmp_path / 'all.csv'),
+                        erase__separate_models=True, erase__convention=convention), progress=False)
+  assert batch.groups == [[0], [1, 2], [3]] and all(v.shape[0] == 3 for v in batch.trained.values())
+  # Model m of the batch draws from seed train.seed + m, as a run of its concept alone with that seed does.
+  i = 1
+  alone = erase(_config(model, tmp_path / 'alone', erase__concepts_file=str(tmp_path / 'dog.csv'), train__seed=i,
+                        erase__convention=convention), progress=False)
   want = _flat(alone.trained)
   assert np.linalg.norm(_flat(batch.trained, i) - want) / np.linalg.norm(want) <= 1e-5
   base = _flat({k: v for k, v in split_flat(batch.pipe.unet)[1].items() if k in batch.trained})
-  assert all(np.abs(_flat(batch.trained, i) - base).max() > 0 for i in range(len(CONCEPTS)))  # every model moved
+  assert all(np.abs(_flat(batch.trained, m) - base).max() > 0 for m in range(3))  # every model moved
+  if convention == 'paper':
+    # Aligned sampler lengths: model 0 keeps its draws; the others take its t_enc and t, so they train differently.
+    aligned = erase(_config(model, tmp_path / 'aligned', erase__concepts_file=str(tmp_path / 'all.csv'),
+                            erase__separate_models=True, train__shared_timesteps=True), progress=False)
+    relative = lambda m: (np.linalg.norm(_flat(aligned.trained, m) - _flat(batch.trained, m))
+                          / np.linalg.norm(_flat(batch.trained, m) - base))
+    assert relative(0) <= 1e-5 and relative(i) > 1e-2
+    with pytest.raises(RunError, match='set erase.separate_models=True'):
+      erase(_config(model, tmp_path / 'one', train__shared_timesteps=True), progress=False)
 
 
 def test_several_concepts_per_step_average_their_losses(model):
