@@ -134,7 +134,7 @@ def bench(model: str, method: str, ns: list[int], iters: int, dtype: str) -> lis
       row[f'{mode}_sequential_s'] = (time.perf_counter() - start) / iters
       del states
       # Batched: the same N models and draws, one vmapped step per iteration.
-      state = init(stacked)
+      state = init(jax.tree.map(jnp.copy, stacked))  # a copy: the step donates the state
       (state, _), seconds = timed(batched, state, frozen, model_prompts, draws[iters], active)
       row.setdefault('compile_batched_s', seconds)  # the first call for this N compiles
       start = time.perf_counter()

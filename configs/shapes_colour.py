@@ -24,5 +24,5 @@ def get_config(colour: str = 'red'):
   config.erase.method = 'esd-x'
   config.erase.negative_guidance = 1.0
   config.train.learning_rate = 1e-4
-  config.train.iterations = 200
+  config.train.iterations = 250
   return config

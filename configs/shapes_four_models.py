@@ -2,16 +2,24 @@
 one batched run over one shared frozen base (erase.separate_models), each measured against the original.
 
     python main.py erase --config=configs/shapes_four_models.py
+
+Model s erases shape s from each of the prompts "a {colour} {shape}" with ESD-x: shapes_four_models.csv has
+four lines per shape (one drawn per iteration) and each shape's η. ESD-u on the bare word, the default job's
+recipe, erases circles and triangles but takes circles with squares and crosses (README, batch erasure).
 """
 
+from pathlib import Path
+
 from configs import default
-from esd_jax import shapes
 
 
 def get_config():
   config = default.get_config()
   config.workdir = 'outputs/shapes-four-models'
-  config.erase.concepts = shapes.SHAPES
+  config.erase.concepts_file = str(Path(__file__).with_name('shapes_four_models.csv'))
   config.erase.separate_models = True
+  config.erase.method = 'esd-x'
+  config.train.learning_rate = 1e-4
+  config.train.iterations = 300
   config.evaluate.grid_seeds = 2
   return config

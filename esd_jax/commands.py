@@ -165,8 +165,9 @@ def measure_erasure(config: ml_collections.ConfigDict, pipe, erased: dict[str, t
   for name, model_summaries in summaries.items():
     for s in model_summaries:
       others = ', '.join(f'{k} {v["before"]:.0%}→{v["after"]:.0%}' for k, v in s['others'].items())
+      kept = f'; their shape kept in {s["kept_shape"]:.0%}' if 'kept_shape' in s else ''
       print(f'[{name}] {s["concept"]}: shown in {s["base_rate"]:.0%} → {s["erased_rate"]:.0%} of the images of '
-            f'prompts naming it; other {s["kind"]}s: {others}')
+            f'prompts naming it{kept}; other {s["kind"]}s: {others}')
   print(f'Report: {workdir / "report.json"}; grid: {grid}')
   return report
 

@@ -1,6 +1,7 @@
-"""The default job end to end, shortened only in how many images measure it: erase "circle" from the shipped
-shapes-world model with the default recipe, check the erasure criteria of issue 4 on the report, and check that
-the exported diffusers pipeline, run by diffusers in PyTorch, draws what our erased model draws."""
+"""The shapes-world erasures end to end, shortened only in how many images measure them: erase "circle" from
+the shipped model with the default recipe, and "red" with configs/shapes_colour.py (ESD-x), check the erasure
+criteria of issue 4 on the reports, and check that the exported diffusers pipeline, run by diffusers in
+PyTorch, draws what our erased model draws."""
 
 import json
 
@@ -37,3 +38,18 @@ def test_default_erasure_meets_the_criteria_in_jax_and_in_diffusers(tmp_path):
   assert np.abs(ours - theirs).max() <= 2 / 255
   judge = load_judge(SHAPES_CLASSIFIER)
   assert score(judge, prompts, theirs) == score(judge, prompts, ours)
+
+
+@pytest.mark.parity
+def test_colour_erasure_with_esd_x_meets_the_criteria(tmp_path):
+  from configs.shapes_colour import get_config as colour_config
+
+  config = colour_config('red')
+  config.workdir, config.export.formats = str(tmp_path), ('trained',)
+  config.evaluate.seeds = SEEDS
+  commands.erase(config)
+  (summary,) = json.loads((tmp_path / 'report.json').read_text())['models']['erased']['summary']
+  assert summary['concept'] == 'red' and summary['kind'] == 'colour' and summary['base_rate'] >= 0.9
+  assert summary['erased_rate'] <= 0.10, summary
+  assert summary['kept_shape'] >= 0.85, summary
+  assert summary['max_other_drop'] <= 0.10, summary
