@@ -19,18 +19,10 @@ from configs.default import get_config
 from esd_jax import commands, esd
 from esd_jax.concepts import Concept, ConceptError, read_concepts
 from esd_jax.models.state_dict import split_flat
-from esd_jax.tiny import random_pipeline
 from esd_jax.train import RunError, encode_concepts, erase
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCEPTS = ('a cat', 'a dog', 'a car')
-
-
-@pytest.fixture(scope='module')
-def model(tmp_path_factory):
-  folder = tmp_path_factory.mktemp('model') / 'pipe'
-  random_pipeline(folder)
-  return folder
 
 
 def _config(model, workdir, concepts=CONCEPTS, **fields):

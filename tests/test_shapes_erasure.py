@@ -43,13 +43,19 @@ def test_default_erasure_meets_the_criteria_in_jax_and_in_diffusers(tmp_path):
 @pytest.mark.parity
 def test_colour_erasure_with_esd_x_meets_the_criteria(tmp_path):
   from configs.shapes_colour import get_config as colour_config
+  from convert.export import erased_pipeline
+  from esd_jax.shapes import PROMPTS, parse
+  from esd_jax.train import erase
 
   config = colour_config('red')
-  config.workdir, config.export.formats = str(tmp_path), ('trained',)
-  config.evaluate.seeds = SEEDS
-  commands.erase(config)
-  (summary,) = json.loads((tmp_path / 'report.json').read_text())['models']['erased']['summary']
-  assert summary['concept'] == 'red' and summary['kind'] == 'colour' and summary['base_rate'] >= 0.9
-  assert summary['erased_rate'] <= 0.10, summary
-  assert summary['kept_shape'] >= 0.85, summary
-  assert summary['max_other_drop'] <= 0.10, summary
+  config.workdir = str(tmp_path)
+  result = erase(config, progress=False)
+  # Only the erased model is measured: the original shows the prompted shape and colour in 100 % of images (README,
+  # 64 seeds; the test above measures it again), so "another colour drops ≤ 10 points" is checked as "≥ 90 %".
+  report = score(load_judge(SHAPES_CLASSIFIER), PROMPTS,
+                 generate_jax(erased_pipeline(result.pipe, result.trained), PROMPTS, range(SEEDS), Sampling()))
+  naming = lambda colour: [report[p] for p in PROMPTS if parse(p)[1] == COLOUR_NAMES.index(colour)]
+  assert np.mean([r['colour'] for r in naming('red')]) <= 0.10, report  # 'colour': showing the prompted one
+  assert np.mean([r['shape'] for r in naming('red')]) >= 0.85, report
+  for colour in ('green', 'blue', 'yellow'):
+    assert np.mean([r['colour'] for r in naming(colour)]) >= 0.90, (colour, report)

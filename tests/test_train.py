@@ -12,17 +12,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from configs.default import get_config
-from esd_jax.tiny import random_pipeline
 from esd_jax.train import RunError, erase
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope='module')
-def model(tmp_path_factory):
-  folder = tmp_path_factory.mktemp('model') / 'pipe'
-  random_pipeline(folder)
-  return folder
 
 
 def _config(model, workdir, **train):
