@@ -30,8 +30,8 @@ def test_default_erasure_meets_the_criteria_in_jax_and_in_diffusers(tmp_path):
   assert (tmp_path / 'erasure.png').stat().st_size > 0
 
   # The exported pipeline in diffusers/PyTorch draws the same images, so it meets the same criteria.
-  prompts = [f'a {c} circle' for c in COLOUR_NAMES] + ['a red square', 'a blue cross']
-  seeds, sampling = list(range(4)), Sampling()
+  prompts = ['a red circle', 'a blue circle', 'a green square']
+  seeds, sampling = list(range(2)), Sampling()
   theirs = generate_diffusers(tmp_path / 'erased' / 'pipeline', prompts, seeds, sampling, latent_shape=(8, 8, 4))
   from convert.export import erased_pipeline
   ours = generate_jax(erased_pipeline(result.pipe, result.trained), prompts, seeds, sampling)
