@@ -95,13 +95,14 @@ def bench(model: str, method: str, ns: list[int], iters: int, dtype: str) -> lis
   keys = methods.trained_keys(frozen, method)
   objective = esd.Objective(compute_dtype=dtype)
   scheduler = objective.scheduler(scheduler_config)
-  tx = esd.optimizer(1e-5)
-  kwargs = dict(layout=layout, objective=objective, scheduler=scheduler, tx=tx)
+  learning_rate = 1e-5
+  tx = esd.optimizer(learning_rate)
+  kwargs = dict(layout=layout, objective=objective, scheduler=scheduler)
   base = {k: frozen[k] for k in keys}
   draw = functools.partial(esd.draw, objective=objective, scheduler=scheduler, batch=1, latent_shape=latent_shape,
                            num_concepts=1)
 
-  single = jax.jit(functools.partial(esd.train_step, **kwargs), donate_argnums=(0,))
+  single = jax.jit(functools.partial(esd.train_step, tx=tx, **kwargs), donate_argnums=(0,))
   batched = jax.jit(functools.partial(esd.separate_train_step, **kwargs), donate_argnums=(0,))
   draw_many = jax.jit(lambda seeds, i: jax.vmap(lambda s: draw(jax.random.fold_in(jax.random.key(s), i)))(seeds))
   # The sampler runs 2 latents per model and step (classifier-free guidance).
@@ -115,7 +116,7 @@ def bench(model: str, method: str, ns: list[int], iters: int, dtype: str) -> lis
     init = jax.vmap(functools.partial(esd.init_state, tx=tx))
     per_model = nbytes(init(stacked)) // n
     model_prompts = esd.per_model(rows_of(prompts, 0, n))
-    active, seeds = jnp.ones((n,), bool), jnp.arange(n)
+    active, rates, seeds = jnp.ones((n,), bool), jnp.full((n,), learning_rate), jnp.arange(n)
     row = {'method': method, 'n': n, 'per_model_mb': per_model / 2**20, 'frozen_mb': nbytes(frozen) / 2**20,
            'compile_single_s': compile_single,
            'unet_gain': per_image_1 / unet_ms_per_image(unet, prompts, latent_shape, 2 * n)}
@@ -135,11 +136,11 @@ def bench(model: str, method: str, ns: list[int], iters: int, dtype: str) -> lis
       del states
       # Batched: the same N models and draws, one vmapped step per iteration.
       state = init(jax.tree.map(jnp.copy, stacked))  # a copy: the step donates the state
-      (state, _), seconds = timed(batched, state, frozen, model_prompts, draws[iters], active)
+      (state, _), seconds = timed(batched, state, frozen, model_prompts, draws[iters], active, rates)
       row.setdefault('compile_batched_s', seconds)  # the first call for this N compiles
       start = time.perf_counter()
       for i in range(iters):
-        state, metrics = batched(state, frozen, model_prompts, draws[i], active)
+        state, metrics = batched(state, frozen, model_prompts, draws[i], active, rates)
       jax.block_until_ready(metrics)
       row[f'{mode}_batched_s'] = (time.perf_counter() - start) / iters
       del state

@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.erase.resolution = 0  # image size trained at; 0: the model's native size
 
   config.train = ml_collections.ConfigDict()
-  config.train.iterations = 200
+  config.train.iterations = 200  # separate models: a concepts file may give a model its own (and learning_rate)
   config.train.learning_rate = 5e-5
   config.train.batch_size = 1
   config.train.concepts_per_step = 1  # one model, several concepts: draws this many per step, averages losses

@@ -4,8 +4,10 @@ one batched run over one shared frozen base (erase.separate_models), each measur
     python main.py erase --config=configs/shapes_four_models.py
 
 Model s erases shape s from each of the prompts "a {colour} {shape}" with ESD-x: shapes_four_models.csv has
-four lines per shape (one drawn per iteration) and each shape's η. ESD-u on the bare word, the default job's
-recipe, erases circles and triangles but takes circles with squares and crosses (README, batch erasure).
+four lines per shape (one drawn per iteration), each shape's η, and the circle's own learning rate and
+iteration count (2e-4 for 150; the others take the run's 1e-4 for 300): ESD-x moves circles slowly, and at
+the others' pace it leaves half of them. ESD-u on the bare word, the default job's recipe, erases circles and
+triangles but takes circles with squares and crosses (README, batch erasure).
 """
 
 from pathlib import Path

@@ -89,12 +89,14 @@ def erase(config: ml_collections.ConfigDict):
   out = Path(config.workdir) / 'erased'
   kwargs = dict(dtype=config.export.dtype, metadata=result.metadata)
   if config.erase.separate_models:
-    describe = lambda concepts: {'prompt': concepts[0].prompt, 'erase_from': [c.erase_from for c in concepts],
-                                 'negative_guidance': [c.negative_guidance for c in concepts]}
+    def describe(m):
+      concepts = result.model_concepts(m)
+      return {'prompt': concepts[0].prompt, 'erase_from': [c.erase_from for c in concepts],
+              'negative_guidance': [c.negative_guidance for c in concepts],
+              'learning_rate': result.learning_rates[m], 'iterations': result.iterations[m]}
     name = lambda m: f'{m:03d}-{_slug(result.model_concepts(m)[0].prompt)}'
-    models = [(name(m), describe(concepts), trained) for m, concepts, trained in result.models()]
-    failed = [{**describe(result.model_concepts(m)), 'name': name(m), 'why': why}
-              for m, why in sorted(result.failed.items())]
+    models = [(name(m), describe(m), trained) for m, _, trained in result.models()]
+    failed = [{**describe(m), 'name': name(m), 'why': why} for m, why in sorted(result.failed.items())]
     export_models(result.pipe, models, out, config.export.formats, failed=failed, **kwargs)
     print(f'{len(models)} erased models in {out} (manifest.json); {len(failed)} stopped')
     erased = {name: (erased_pipeline(result.pipe, trained), [c['prompt']]) for name, c, trained in models}

@@ -2,9 +2,13 @@
 
 A concepts file is one of
 - text (any other extension): one concept a line; blank lines and lines starting with '#' are skipped;
-- CSV with a header: a `concept` column, optional `erase_from` and `negative_guidance` columns;
-- JSON: a list of strings, or of objects with `concept` and optional `erase_from`, `negative_guidance`.
-An empty `erase_from` means none; an empty `negative_guidance` means the run's (erase.negative_guidance).
+- CSV with a header: a `concept` column, optional `erase_from`, `negative_guidance`, `learning_rate` and
+  `iterations` columns;
+- JSON: a list of strings, or of objects with `concept` and optional `erase_from`, `negative_guidance`,
+  `learning_rate`, `iterations`.
+An empty `erase_from` means none; an empty `negative_guidance`, `learning_rate` or `iterations` means the run's
+(erase.negative_guidance, train.learning_rate, train.iterations). The last two are per model: they need
+erase.separate_models, and the lines of one concept (one model) must agree on them.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import ml_collections
 
-FIELDS = ('concept', 'erase_from', 'negative_guidance')
+FIELDS = ('concept', 'erase_from', 'negative_guidance', 'learning_rate', 'iterations')
 
 
 class ConceptError(ValueError):
@@ -29,6 +33,8 @@ class Concept:
   prompt: str
   erase_from: str = ''
   negative_guidance: float | None = None  # None: the run's
+  learning_rate: float | None = None
+  iterations: int | None = None
 
 
 def _concept(entry: dict, where: str) -> Concept:
@@ -38,18 +44,26 @@ def _concept(entry: dict, where: str) -> Concept:
   prompt = str(entry.get('concept') or '').strip()
   if not prompt:
     raise ConceptError(f'{where}: the concept is empty; every entry needs a non-empty "concept".')
-  eta = entry.get('negative_guidance')
-  if eta in (None, ''):
-    eta = None
-  else:
-    try:
-      eta = float(eta)
-    except (TypeError, ValueError):
-      eta = math.nan
-    if not math.isfinite(eta):
-      raise ConceptError(f'{where}: negative_guidance {entry["negative_guidance"]!r} is not a finite number.')
+  eta = _number(entry, 'negative_guidance', where, float, 'a finite number')
+  learning_rate = _number(entry, 'learning_rate', where, float, 'a positive number')
+  iterations = _number(entry, 'iterations', where, int, 'a positive whole number')
   erase_from = str(entry.get('erase_from') or '').strip()
-  return Concept(prompt, '' if erase_from == prompt else erase_from, eta)
+  return Concept(prompt, '' if erase_from == prompt else erase_from, eta, learning_rate, iterations)
+
+
+def _number(entry: dict, field: str, where: str, kind: type, what: str):
+  """entry[field] as `kind`, None when absent or empty."""
+  value = entry.get(field)
+  if value in (None, ''):
+    return None
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    number = math.nan
+  ok = math.isfinite(number) and (field == 'negative_guidance' or number > 0) and (kind is float or number.is_integer())
+  if not ok:
+    raise ConceptError(f'{where}: {field} {value!r} is not {what}.')
+  return kind(number)
 
 
 def read_concepts(path: str | Path) -> list[Concept]:

@@ -257,17 +257,17 @@ def per_model(prompts: Prompts, groups: Sequence[Sequence[int]] | None = None) -
                  take(prompts.has_from), take(prompts.eta))
 
 
-def separate_train_step(state: TrainState, frozen: Params, prompts: Prompts, draws: Draws, active: jax.Array, *,
-                        layout: ParamLayout, objective: Objective, scheduler,
-                        tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
-  """One iteration of N separate erasures at once (vmap over a leading model axis of `state`, `draws` and
-  `per_model(prompts)`), all taught by the one shared frozen base. A model whose loss is not finite, or that
-  is not `active`, keeps its previous state; metrics['active'] says which models stepped."""
+def separate_train_step(state: TrainState, frozen: Params, prompts: Prompts, draws: Draws, active: jax.Array,
+                        learning_rate: jax.Array, *, layout: ParamLayout, objective: Objective,
+                        scheduler) -> tuple[TrainState, dict]:
+  """One iteration of N separate erasures at once (vmap over a leading model axis of `state`, `draws`,
+  `per_model(prompts)` and `learning_rate`), all taught by the one shared frozen base; model m's Adam steps
+  with learning_rate[m]. A model whose loss is not finite, or that is not `active`, keeps its previous state;
+  metrics['active'] says which models stepped."""
   axes = Prompts(None, 0, None if prompts.student is None else 0, 0, 0)
-  step = functools.partial(train_step, frozen=frozen, layout=layout, objective=objective, scheduler=scheduler,
-                           tx=tx)
-  stepped, metrics = jax.vmap(lambda s, p, d: step(s, prompts=p, draws=d), in_axes=(0, axes, 0))(
-      state, prompts, draws)
+  step = lambda s, p, d, lr: train_step(s, frozen, p, d, layout=layout, objective=objective, scheduler=scheduler,
+                                        tx=optimizer(lr))
+  stepped, metrics = jax.vmap(step, in_axes=(0, axes, 0, 0))(state, prompts, draws, learning_rate)
   ok = active & jnp.isfinite(metrics['loss'])
   keep = lambda new, old: jnp.where(ok.reshape(ok.shape + (1,) * (new.ndim - 1)), new, old)
   return jax.tree.map(keep, stepped, state), {'loss': metrics['loss'], 'active': ok}

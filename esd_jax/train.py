@@ -40,8 +40,8 @@ class Erased:
   """The result of a run: the trained tensors (diffusers keys), what produced them, and the base pipeline.
 
   With erase.separate_models, every tensor has a leading model axis (model m erases the concepts
-  `groups[m]`: the lines of one concept prompt) and `failed` maps the index of each model stopped for a
-  non-finite loss to what happened.
+  `groups[m]`: the lines of one concept prompt, with learning rate `learning_rates[m]` for `iterations[m]`
+  iterations) and `failed` maps the index of each model stopped for a non-finite loss to what happened.
   """
 
   trained: dict[str, jax.Array]
@@ -50,6 +50,8 @@ class Erased:
   pipe: StableDiffusion
   concepts: list[Concept]
   groups: list[list[int]]
+  learning_rates: list[float]
+  iterations: list[int]
   failed: dict[int, str] = dataclasses.field(default_factory=dict)
 
   def model_concepts(self, m: int) -> list[Concept]:
@@ -69,6 +71,26 @@ def concept_list(erase: ml_collections.ConfigDict) -> list[Concept]:
     return concepts_of(erase)
   except ConceptError as e:
     raise RunError(str(e)) from e
+
+
+def model_schedules(concepts: list[Concept], groups: list[list[int]],
+                    train: ml_collections.ConfigDict) -> tuple[list[float], list[int]]:
+  """Each model's learning rate and iteration count: its concept lines' own, else train.learning_rate and
+  train.iterations; the lines of one model must agree."""
+  rates, counts = [], []
+  for group in groups:
+    lines = [concepts[j] for j in group]
+    for field, default, out in (('learning_rate', train.learning_rate, rates), ('iterations', train.iterations, counts)):
+      values = sorted({getattr(c, field) for c in lines}, key=str)
+      if len(values) > 1:
+        whose = (f'The lines of concept {lines[0].prompt!r}' if len({c.prompt for c in lines}) == 1 else
+                 'The concepts of this one-model run (erase.separate_models=False)')
+        raise RunError(f'{whose} give different {field}s ({values}), but one model trains with one: give them the '
+                       f'same {field}, or leave it empty for train.{field}'
+                       + ('.' if len({c.prompt for c in lines}) == 1 else
+                          ', or train one model per concept (erase.separate_models=True).'))
+      out.append(default if values[0] is None else values[0])
+  return rates, counts
 
 
 def encode_concepts(pipe: StableDiffusion, concepts: list[Concept], negative_guidance: float, *, height: int,
@@ -112,6 +134,7 @@ def run_metadata(config: ml_collections.ConfigDict, pipe: StableDiffusion, keys:
       'trained_tensors': len(keys), 'concepts': [c.prompt for c in concepts],
       'erase_from': [c.erase_from for c in concepts],
       'concept_negative_guidance': [c.negative_guidance for c in concepts],
+      'concept_learning_rate': [c.learning_rate for c in concepts],  # iterations are not here: a run may be extended
       'separate_models': e.separate_models, 'concepts_per_step': t.concepts_per_step,
       'shared_timesteps': t.shared_timesteps,
       'convention': e.convention, 'negative_guidance': e.negative_guidance, 'guidance': e.guidance,
@@ -167,6 +190,8 @@ def erase(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None
   t, separate = config.train, config.erase.separate_models
   groups = by_prompt(concepts) if separate else [list(range(len(concepts)))]
   n_models = len(groups)
+  learning_rates, iterations = model_schedules(concepts, groups, t)
+  total = max(iterations)
   if t.concepts_per_step < 1 or (separate and t.concepts_per_step != 1):
     raise RunError(f'train.concepts_per_step = {t.concepts_per_step}: use a positive number of concepts averaged '
                    'per step, and 1 with erase.separate_models (each model erases its own concept).')
@@ -193,9 +218,9 @@ def erase(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None
   h, w = latent_size(pipe, size, size)
   latent_shape = (h, w, pipe.unet.config['in_channels'])
   prompts = encode_concepts(pipe, concepts, objective.negative_guidance, height=size, width=size)
-  tx = esd.optimizer(t.learning_rate)
+  tx = esd.optimizer(learning_rates[0])  # separate models: each model's own, passed to the step (Adam's state is alike)
   init = functools.partial(esd.init_state, tx=tx)
-  step_kwargs = dict(layout=layout, objective=objective, scheduler=scheduler, tx=tx)
+  step_kwargs = dict(layout=layout, objective=objective, scheduler=scheduler)
   base = {k: frozen[k] for k in keys}
 
   if separate:
@@ -217,6 +242,7 @@ def erase(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None
       draws = jax.vmap(one)(seeds, sizes)
       return esd.share_timesteps(draws) if t.shared_timesteps else draws
     step = functools.partial(esd.separate_train_step, **step_kwargs)
+    rates = jax.device_put(jnp.asarray(learning_rates, jnp.float32), sharding.over_models(mesh))
   else:
     prompts = jax.device_put(prompts, sharding.replicated(mesh))
     trained_sh = {k: frozen_sh[k] for k in keys}
@@ -230,13 +256,14 @@ def erase(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None
     def draw_fn(i):
       return esd.draw(jax.random.fold_in(base_key, i), objective, scheduler, batch=t.batch_size,
                       latent_shape=latent_shape, num_concepts=len(concepts), per_step=per_step)
-    step = lambda state, frozen, prompts, draws, active: esd.train_step(state, frozen, prompts, draws, **step_kwargs)
+    step = lambda state, frozen, prompts, draws, active, rates: esd.train_step(state, frozen, prompts, draws, tx=tx,
+                                                                               **step_kwargs)
+    rates = None
 
   abstract = jax.eval_shape(init, trained)
   state_sh = sharding.like_params(abstract, trained_sh, mesh)
   state = jax.jit(init, out_shardings=state_sh)(trained)
-  active_sh = sharding.replicated(mesh)  # which models still train: n_models booleans, on every device
-  active = jax.device_put(jnp.ones((n_models,), bool), active_sh)
+  active_sh = sharding.replicated(mesh)  # which models train this iteration: n_models booleans, on every device
   failed: dict[int, str] = {}
 
   ckpt_dir = (workdir / 'checkpoints').resolve()
@@ -250,11 +277,10 @@ def erase(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None
     failed = {int(k): v for k, v in saved['failed'].items()}
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
     state = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
-    active = jax.device_put(jnp.asarray([i not in failed for i in range(n_models)]), active_sh)
     logging.info('Resumed from step %d of %s', start, ckpt_dir)
 
   step_fn = jax.jit(step, in_shardings=(state_sh, frozen_sh, jax.tree.map(lambda a: a.sharding, prompts),
-                                        draws_sh, active_sh),
+                                        draws_sh, active_sh, None if rates is None else rates.sharding),
                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
   draw_fn = jax.jit(draw_fn, out_shardings=draws_sh)
 
@@ -265,22 +291,22 @@ def erase(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None
                  force=True)
 
   log = _metrics_log(workdir / 'metrics.jsonl', start)
-  bar = tqdm(range(start, t.iterations), initial=start, total=t.iterations, desc='erase', unit='it',
-             disable=not progress)
+  bar = tqdm(range(start, total), initial=start, total=total, desc='erase', unit='it', disable=not progress)
   try:
     for i in bar:
       draws = draw_fn(i)
+      # A model trains until its own iteration count, unless stopped for a non-finite loss.
+      active = np.asarray([m not in failed and i < iterations[m] for m in range(n_models)])
       tick = time.perf_counter()
-      state, metrics = step_fn(state, frozen, prompts, draws, active)
+      state, metrics = step_fn(state, frozen, prompts, draws, jax.device_put(active, active_sh), rates)
       losses = np.asarray(metrics['loss']).reshape(-1)  # waits for the step: checked before anything is saved
       if separate:
         stepped = np.asarray(metrics['active'])
-        for m in np.flatnonzero(np.asarray(active) & ~stepped):
+        for m in np.flatnonzero(active & ~stepped):
           failed[int(m)] = f'loss {losses[m]} at iteration {i + 1}; stopped, kept iteration {i}'
           logging.warning('Model %d (%r): the loss is %s at iteration %d; stopped it, the others go on.',
                           m, concepts[groups[m][0]].prompt, losses[m], i + 1)
-        active = metrics['active']
-        if not stepped.any():
+        if len(failed) == n_models:
           raise RunError(f'Iteration {i + 1}: every model has stopped ({failed}). Lower train.learning_rate or '
                          'use train.compute_dtype=float32.')
       elif not math.isfinite(losses[0]):
@@ -297,7 +323,7 @@ def erase(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None
                       concept=[concepts[c].prompt for c in np.asarray(draws.concept).reshape(-1)])
       log.write(json.dumps(record) + '\n')
       bar.set_postfix(loss=f'{np.mean(losses[np.isfinite(losses)]):.5f}')  # finite ones: a stopped model's may not be
-      if (i + 1) % t.checkpoint_every == 0 or i + 1 == t.iterations:
+      if (i + 1) % t.checkpoint_every == 0 or i + 1 == total:
         save(i + 1, state)
   finally:
     bar.close()
@@ -305,6 +331,6 @@ def erase(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None
     manager.wait_until_finished()
     manager.close()
   return Erased(trained=dict(state.trained), workdir=workdir, pipe=pipe, concepts=concepts, groups=groups,
-                failed=failed,
-                metadata={**metadata, 'iterations': t.iterations,
+                learning_rates=learning_rates, iterations=iterations, failed=failed,
+                metadata={**metadata, 'iterations': total,
                           'seconds': round(time.perf_counter() - run_start, 1)})

@@ -20,7 +20,7 @@ from esd_jax import commands, esd
 from esd_jax.concepts import Concept, ConceptError, read_concepts
 from esd_jax.models.state_dict import split_flat
 from esd_jax.tiny import SCHEDULER
-from esd_jax.train import RunError, encode_concepts, erase
+from esd_jax.train import RunError, encode_concepts, erase, model_schedules
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCEPTS = ('a cat', 'a dog', 'a car')
@@ -48,14 +48,18 @@ def test_concept_files(tmp_path):
   assert read_concepts(tmp_path / 'c.txt') == [Concept('Van Gogh'), Concept('Claude Monet')]
   (tmp_path / 'c.csv').write_text('concept,erase_from,negative_guidance\ncircle,,\ncar,a red car,2.5\n')
   assert read_concepts(tmp_path / 'c.csv') == [Concept('circle'), Concept('car', 'a red car', 2.5)]
-  (tmp_path / 'c.json').write_text(json.dumps(['red', {'concept': 'cross', 'negative_guidance': 3}]))
-  assert read_concepts(tmp_path / 'c.json') == [Concept('red'), Concept('cross', '', 3.0)]
+  (tmp_path / 'c.json').write_text(json.dumps(['red', {'concept': 'cross', 'negative_guidance': 3,
+                                                       'learning_rate': 2e-4, 'iterations': 150}]))
+  assert read_concepts(tmp_path / 'c.json') == [Concept('red'), Concept('cross', '', 3.0, 2e-4, 150)]
   bad = {'missing.txt': None, 'empty.txt': '# nothing\n', 'noheader.csv': 'prompt\ncat\n',
          'field.json': '[{"concept": "cat", "eta": 2}]', 'eta.csv': 'concept,negative_guidance\ncat,lots\n',
-         'blank.json': '[""]', 'broken.json': '[1,'}
+         'blank.json': '[""]', 'broken.json': '[1,', 'rate.csv': 'concept,learning_rate\ncat,-1e-4\n',
+         'count.csv': 'concept,iterations\ncat,2.5\n'}
   messages = {'missing.txt': 'no such concepts file', 'empty.txt': 'lists no concepts', 'noheader.csv': '"concept"',
               'field.json': "unknown field(s) ['eta']", 'eta.csv': 'not a finite number',
-              'blank.json': 'the concept is empty', 'broken.json': 'not valid JSON'}
+              'blank.json': 'the concept is empty', 'broken.json': 'not valid JSON',
+              'rate.csv': "learning_rate '-1e-4' is not a positive number",
+              'count.csv': "iterations '2.5' is not a positive whole number"}
   for name, text in bad.items():
     if text is not None:
       (tmp_path / name).write_text(text)
@@ -63,15 +67,27 @@ def test_concept_files(tmp_path):
       read_concepts(tmp_path / name)
 
 
+def test_a_models_lines_agree_on_its_learning_rate_and_iterations():
+  train = get_config().train
+  lines = [Concept('cat', learning_rate=2e-4), Concept('cat', 'a cat on grass'), Concept('dog', iterations=50)]
+  with pytest.raises(RunError, match=re.escape("The lines of concept 'cat' give different learning_rates")):
+    model_schedules(lines, [[0, 1], [2]], train)
+  with pytest.raises(RunError, match=re.escape('or train one model per concept (erase.separate_models=True)')):
+    model_schedules(lines[1:], [[0, 1]], train)
+  assert model_schedules(lines[1:], [[0], [1]], train) == ([train.learning_rate] * 2, [train.iterations, 50])
+
+
 @pytest.mark.parametrize('convention', ['paper', 'diffusers-v2'])
 def test_each_model_of_a_batch_equals_its_concept_trained_alone(model, tmp_path, convention):
-  # Three models: the two "a dog" lines make one model, erased from both prompts (one drawn per iteration).
-  lines = 'concept,erase_from\na cat,\na dog,a puppy\na dog,a dog on grass\na car,\n'
+  # Three models: the two "a dog" lines make one model, erased from both prompts (one drawn per iteration), with
+  # its own learning rate and iteration count (the others: the run's 1e-3 and 10).
+  lines = 'concept,erase_from,learning_rate,iterations\na cat,,,\na dog,a puppy,2e-3,7\na dog,a dog on grass,2e-3,7\na car,,,\n'
   (tmp_path / 'all.csv').write_text(lines)
   (tmp_path / 'dog.csv').write_text(''.join(lines.splitlines(keepends=True)[i] for i in (0, 2, 3)))
   batch = erase(_config(model, tmp_path / 'batch', erase__concepts_file=str(tmp_path / 'all.csv'),
                         erase__separate_models=True, erase__convention=convention), progress=False)
   assert batch.groups == [[0], [1, 2], [3]] and all(v.shape[0] == 3 for v in batch.trained.values())
+  assert batch.learning_rates == [1e-3, 2e-3, 1e-3] and batch.iterations == [10, 7, 10]
   # Model m of the batch draws from seed train.seed + m, as a run of its concept alone with that seed does.
   i = 1
   alone = erase(_config(model, tmp_path / 'alone', erase__concepts_file=str(tmp_path / 'dog.csv'), train__seed=i,
