@@ -13,7 +13,7 @@ from diffusers import UNet2DConditionModel
 from esd_jax import esd
 from esd_jax.generate import Conditioning
 from esd_jax.methods import trained_keys
-from esd_jax.models import build
+from esd_jax.models import build_abstract
 from esd_jax.models.state_dict import split_flat
 from tests import torch_esd
 from tests.reference import load_from_torch, nchw, nhwc, rel_err
@@ -34,7 +34,7 @@ def _setup():
       sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
       attention_head_dim=4, down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
       up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D')).eval()
-  ours = load_from_torch(build({**ref.config, '_class_name': 'UNet2DConditionModel'}), ref)
+  ours = load_from_torch(build_abstract({**ref.config, '_class_name': 'UNet2DConditionModel'}), ref)
   rng = np.random.default_rng(0)
   emb = {name: rng.standard_normal((1, 6, 32)).astype(np.float32) for name in ('concept', 'uncond', 'from')}
   x_T = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)

@@ -8,10 +8,13 @@ from flax import nnx
 
 from esd_jax import shapes, world_model
 from esd_jax.fit import fit
-from esd_jax.models import build
+from esd_jax.models import build_abstract
+from esd_jax.models.clip import canonical_keys
+from esd_jax.models.state_dict import load_state_dict
 from esd_jax.schedulers import make_scheduler
 from esd_jax.tiny import SCHEDULER
 from esd_jax.tokenizer import tokenize
+from tests.reference import numpy_state
 
 
 @pytest.fixture(scope='module')
@@ -37,6 +40,25 @@ def test_tokenizer_makes_every_word_one_token_and_every_caption_fits(tokenizer, 
   np.testing.assert_array_equal(tokenize(again, captions), tokens)
 
 
+def _random(config: dict, seed: int):
+  """Our model of `config` with random weights drawn by its diffusers/transformers twin in torch: the same
+  starting point for these steps as our initialisers give, without compiling them (~25 s per model here)."""
+  import torch
+  from diffusers import AutoencoderKL, UNet2DConditionModel
+  from transformers import CLIPTextConfig, CLIPTextModel
+
+  torch.manual_seed(seed)
+  kwargs = {k: v for k, v in config.items() if not k.startswith('_') and k != 'architectures'}
+  twins = {'AutoencoderKL': AutoencoderKL, 'UNet2DConditionModel': UNet2DConditionModel}
+  if '_class_name' in config:
+    ref = twins[config['_class_name']](**kwargs)
+    tensors = numpy_state(ref)
+  else:  # transformers 5 names the text encoder's tensors without `text_model.`
+    ref = CLIPTextModel(CLIPTextConfig(**kwargs, bos_token_id=config['eos_token_id'] - 1))
+    tensors = canonical_keys(numpy_state(ref))
+  return load_state_dict(build_abstract(config), tensors, source=type(ref).__name__)
+
+
 def _fit_improves(params, loss_fn, batch, steps=5, learning_rate=3e-3):
   """Loss on one fixed batch before and after a few steps of fit() on it."""
   key, measure = jax.random.key(0), jax.jit(loss_fn)  # one compiled forward rather than op-by-op dispatch
@@ -49,7 +71,7 @@ def _fit_improves(params, loss_fn, batch, steps=5, learning_rate=3e-3):
 
 
 def test_vae_step_reconstructs_better():
-  vae = build(world_model.VAE, seed=0)
+  vae = _random(world_model.VAE, seed=0)
   graphdef, params = nnx.split(vae)
   images = jnp.asarray(shapes.sample(0, 4)[0], jnp.float32) / 127.5 - 1
   loss = lambda p, key, x: world_model.vae_loss(nnx.merge(graphdef, p), key, x, 1e-4)
@@ -61,8 +83,8 @@ def test_vae_step_reconstructs_better():
 
 def test_denoiser_step_trains_unet_and_text_encoder(tokenizer):
   scheduler = make_scheduler(SCHEDULER)
-  unet = build(world_model.UNET, seed=1)
-  text = build(world_model.text_encoder_config(len(tokenizer)), seed=2)
+  unet = _random(world_model.UNET, seed=1)
+  text = _random(world_model.text_encoder_config(len(tokenizer)), seed=2)
   (unet_def, unet_params), (text_def, text_params) = nnx.split(unet), nnx.split(text)
   rng = np.random.default_rng(0)
   latents = jnp.asarray(rng.standard_normal((8, 8, 8, 4)), jnp.float32)
