@@ -23,7 +23,7 @@ from esd_jax.train import erase  # noqa: E402
 config = get_config()
 config.model, config.workdir = model, workdir
 config.erase.method, config.erase.ddim_steps = 'esd-x', 4
-config.train.iterations, config.train.checkpoint_every, config.train.batch_size = 10, 100, 2
+config.train.iterations, config.train.checkpoint_every, config.train.batch_size = 4, 100, 2
 config.train.learning_rate = 1e-4
 config.mesh.data, config.mesh.fsdp, config.mesh.min_shard_size = int(data), int(fsdp), 2048
 if concept:

@@ -132,8 +132,10 @@ def test_several_concepts_per_step_average_their_losses(model):
 
 def test_resume_and_a_failing_model(model, tmp_path):
   concepts = tmp_path / 'concepts.csv'
-  # η = 1e38 overflows the target of the second concept: its loss is inf from the first step.
-  concepts.write_text('concept,negative_guidance\na cat,\na dog,1e38\na car,2\n')
+  # η = 1e38 overflows the target of the second model: its loss is inf from the first step. The models are laid out
+  # as in the test above (one of two erase_from lines), so the persistent compilation cache serves its step.
+  concepts.write_text('concept,erase_from,negative_guidance\na cat,,\na dog,a puppy,1e38\na dog,a dog on grass,1e38\n'
+                      'a car,,2\n')
   fields = dict(erase__concepts_file=str(concepts), erase__separate_models=True)
   full = commands.erase(_config(model, tmp_path / 'full', **fields))
   assert list(full.failed) == [1] and 'iteration 1' in full.failed[1]
