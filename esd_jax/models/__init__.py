@@ -6,7 +6,6 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 from flax import nnx
 
 # config.json `_class_name` (diffusers) or `architectures[0]` (transformers) → module:class.
@@ -36,12 +35,11 @@ def class_name_of(config: Mapping[str, Any]) -> str:
 def build(config: Mapping[str, Any], *, seed: int = 0, source: str = 'config.json') -> nnx.Module:
   """A randomly initialised model of the class and shape that `config` describes.
 
-  Initialised inside one `jit`: eagerly, every parameter shape would compile its own random kernel.
+  Initialised eagerly: each distinct parameter shape compiles one small random kernel (JAX caches them), which
+  on CPU takes about half as long as compiling one `jit` over every initialiser (shapes-world UNet + VAE + text
+  encoder 34 s against 69 s, cold, on 2 cores) and gives bit-identical values.
   """
-  cls = model_class(class_name_of(config))
-  make = lambda: cls(config, rngs=nnx.Rngs(seed), source=source)
-  graphdef = nnx.graphdef(nnx.eval_shape(make))
-  return nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()))())
+  return model_class(class_name_of(config))(config, rngs=nnx.Rngs(seed), source=source)
 
 
 def build_abstract(config: Mapping[str, Any], *, source: str = 'config.json') -> nnx.Module:
