@@ -7,8 +7,8 @@ A concepts file is one of
 - JSON: a list of strings, or of objects with `concept` and optional `erase_from`, `negative_guidance`,
   `learning_rate`, `iterations`.
 An empty `erase_from` means none; an empty `negative_guidance`, `learning_rate` or `iterations` means the run's
-(erase.negative_guidance, train.learning_rate, train.iterations). The last two are per model: they need
-erase.separate_models, and the lines of one concept (one model) must agree on them.
+(erase.negative_guidance, train.learning_rate, train.iterations). The last two belong to a model, so the lines
+that train one model (all of them, or with erase.separate_models those of one concept) must agree on them.
 """
 
 from __future__ import annotations
@@ -44,15 +44,15 @@ def _concept(entry: dict, where: str) -> Concept:
   prompt = str(entry.get('concept') or '').strip()
   if not prompt:
     raise ConceptError(f'{where}: the concept is empty; every entry needs a non-empty "concept".')
-  eta = _number(entry, 'negative_guidance', where, float, 'a finite number')
-  learning_rate = _number(entry, 'learning_rate', where, float, 'a positive number')
-  iterations = _number(entry, 'iterations', where, int, 'a positive whole number')
+  eta = _number(entry, 'negative_guidance', where, float)
+  learning_rate = _number(entry, 'learning_rate', where, float, positive=True)
+  iterations = _number(entry, 'iterations', where, int, positive=True)
   erase_from = str(entry.get('erase_from') or '').strip()
   return Concept(prompt, '' if erase_from == prompt else erase_from, eta, learning_rate, iterations)
 
 
-def _number(entry: dict, field: str, where: str, kind: type, what: str):
-  """entry[field] as `kind`, None when absent or empty."""
+def _number(entry: dict, field: str, where: str, kind: type, *, positive: bool = False):
+  """entry[field] as a finite `kind` (above zero if `positive`), None when absent or empty."""
   value = entry.get(field)
   if value in (None, ''):
     return None
@@ -60,8 +60,8 @@ def _number(entry: dict, field: str, where: str, kind: type, what: str):
     number = float(value)
   except (TypeError, ValueError):
     number = math.nan
-  ok = math.isfinite(number) and (field == 'negative_guidance' or number > 0) and (kind is float or number.is_integer())
-  if not ok:
+  if not (math.isfinite(number) and (number > 0 or not positive) and (kind is float or number.is_integer())):
+    what = ('a positive ' if positive else 'a finite ') + ('whole number' if kind is int else 'number')
     raise ConceptError(f'{where}: {field} {value!r} is not {what}.')
   return kind(number)
 

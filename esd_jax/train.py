@@ -83,12 +83,12 @@ def model_schedules(concepts: list[Concept], groups: list[list[int]],
     for field, default, out in (('learning_rate', train.learning_rate, rates), ('iterations', train.iterations, counts)):
       values = sorted({getattr(c, field) for c in lines}, key=str)
       if len(values) > 1:
-        whose = (f'The lines of concept {lines[0].prompt!r}' if len({c.prompt for c in lines}) == 1 else
+        one_concept = len({c.prompt for c in lines}) == 1
+        whose = (f'The lines of concept {lines[0].prompt!r}' if one_concept else
                  'The concepts of this one-model run (erase.separate_models=False)')
         raise RunError(f'{whose} give different {field}s ({values}), but one model trains with one: give them the '
                        f'same {field}, or leave it empty for train.{field}'
-                       + ('.' if len({c.prompt for c in lines}) == 1 else
-                          ', or train one model per concept (erase.separate_models=True).'))
+                       + ('.' if one_concept else ', or train one model per concept (erase.separate_models=True).'))
       out.append(default if values[0] is None else values[0])
   return rates, counts
 

@@ -27,25 +27,24 @@ import pytest  # noqa: E402
 @pytest.fixture(scope='session')
 def model(tmp_path_factory):
   """The small pipeline of esd_jax.tiny (same configs, tokenizer and scheduler) as a diffusers folder (read only),
-  built once per test process. Its random weights come from diffusers/transformers in torch, saved by
-  StableDiffusionPipeline.save_pretrained: seconds, where our jitted initialisers compile for ~40 s on 2 cores
-  (esd_jax.tiny.random_pipeline, which the CLI test of `tiny-random` runs)."""
-  from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-  from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+  built once per test process. Its random weights come from the components' torch twins, saved by
+  StableDiffusionPipeline.save_pretrained: seconds, against ~30 s for our initialisers' kernels to compile on 2
+  cores (esd_jax.tiny.random_pipeline, which the CLI test of `tiny-random` runs)."""
+  from diffusers import DDIMScheduler, StableDiffusionPipeline
+  from transformers import CLIPTokenizer
 
   from esd_jax import tiny
   from esd_jax.tokenizer import write_clip_tokenizer
+  from tests.reference import torch_twin
 
   folder = tmp_path_factory.mktemp('tiny') / 'pipe'
   write_clip_tokenizer(folder.parent / 'tokenizer', tiny.WORDS, model_max_length=16)
   tokenizer = CLIPTokenizer.from_pretrained(str(folder.parent / 'tokenizer'))
-  config = lambda c: {k: v for k, v in c.items() if not k.startswith('_')}
   torch.manual_seed(0)
   pipe = StableDiffusionPipeline(
-      vae=AutoencoderKL(**config(tiny.VAE)), unet=UNet2DConditionModel(**config(tiny.UNET)),
-      text_encoder=CLIPTextModel(CLIPTextConfig(**tiny.text_encoder_config(len(tokenizer)),
-                                                bos_token_id=tokenizer.bos_token_id)), tokenizer=tokenizer,
-      scheduler=DDIMScheduler.from_config(config(tiny.SCHEDULER)), safety_checker=None, feature_extractor=None,
-      requires_safety_checker=False)
+      vae=torch_twin(tiny.VAE), unet=torch_twin(tiny.UNET),
+      text_encoder=torch_twin(tiny.text_encoder_config(len(tokenizer))), tokenizer=tokenizer,
+      scheduler=DDIMScheduler.from_config({k: v for k, v in tiny.SCHEDULER.items() if not k.startswith('_')}),
+      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
   pipe.save_pretrained(str(folder))
   return folder

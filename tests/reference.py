@@ -16,6 +16,18 @@ def numpy_state(torch_module: torch.nn.Module) -> dict[str, np.ndarray]:
   return {k: v.detach().float().numpy() for k, v in torch_module.named_parameters()}
 
 
+def torch_twin(config: dict) -> torch.nn.Module:
+  """The diffusers/transformers model of one of our UNet, VAE or CLIP text-encoder configs, with torch's
+  random initialisation (seed it with torch.manual_seed)."""
+  from diffusers import AutoencoderKL, UNet2DConditionModel
+  from transformers import CLIPTextConfig, CLIPTextModel
+
+  kwargs = {k: v for k, v in config.items() if not k.startswith('_') and k != 'architectures'}
+  if '_class_name' not in config:  # a text encoder; our tokenizers number <start> just before <end>
+    return CLIPTextModel(CLIPTextConfig(**kwargs, bos_token_id=config['eos_token_id'] - 1))
+  return {'AutoencoderKL': AutoencoderKL, 'UNet2DConditionModel': UNet2DConditionModel}[config['_class_name']](**kwargs)
+
+
 def load_from_torch(module: nnx.Module, torch_module: torch.nn.Module) -> nnx.Module:
   """Copies a torch module's weights into ours; key sets must match exactly."""
   return load_state_dict(module, numpy_state(torch_module), source=type(torch_module).__name__)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
 from esd_jax import shapes, world_model
@@ -14,7 +15,7 @@ from esd_jax.models.state_dict import load_state_dict
 from esd_jax.schedulers import make_scheduler
 from esd_jax.tiny import SCHEDULER
 from esd_jax.tokenizer import tokenize
-from tests.reference import numpy_state
+from tests.reference import numpy_state, torch_twin
 
 
 @pytest.fixture(scope='module')
@@ -41,22 +42,13 @@ def test_tokenizer_makes_every_word_one_token_and_every_caption_fits(tokenizer, 
 
 
 def _random(config: dict, seed: int):
-  """Our model of `config` with random weights drawn by its diffusers/transformers twin in torch: the same
-  starting point for these steps as our initialisers give, without compiling them (~25 s per model here)."""
-  import torch
-  from diffusers import AutoencoderKL, UNet2DConditionModel
-  from transformers import CLIPTextConfig, CLIPTextModel
-
+  """Our model of `config` with random weights drawn by its torch twin: a random starting point for these steps
+  that costs no initialiser compilation."""
   torch.manual_seed(seed)
-  kwargs = {k: v for k, v in config.items() if not k.startswith('_') and k != 'architectures'}
-  twins = {'AutoencoderKL': AutoencoderKL, 'UNet2DConditionModel': UNet2DConditionModel}
-  if '_class_name' in config:
-    ref = twins[config['_class_name']](**kwargs)
-    tensors = numpy_state(ref)
-  else:  # transformers 5 names the text encoder's tensors without `text_model.`
-    ref = CLIPTextModel(CLIPTextConfig(**kwargs, bos_token_id=config['eos_token_id'] - 1))
-    tensors = canonical_keys(numpy_state(ref))
-  return load_state_dict(build_abstract(config), tensors, source=type(ref).__name__)
+  tensors = numpy_state(torch_twin(config))
+  if '_class_name' not in config:  # transformers 5 names the text encoder's tensors without `text_model.`
+    tensors = canonical_keys(tensors)
+  return load_state_dict(build_abstract(config), tensors, source='torch twin')
 
 
 def _fit_improves(params, loss_fn, batch, steps=5, learning_rate=3e-3):
