@@ -52,7 +52,7 @@ def setup(model: str):
     return unet, SCHEDULER, prompts, (64, 64, 4)
   from convert import load_pipeline
   from esd_jax.concepts import Concept
-  from esd_jax.evaluate import SHAPES_WORLD
+  from esd_jax.shapes_world.measure import SHAPES_WORLD
   from esd_jax.train import encode_concepts
   pipe = load_pipeline(SHAPES_WORLD if model == 'shapes-world' else model)
   concepts = [Concept(c) for c in (CONCEPTS * 2)[:16]]

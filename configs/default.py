@@ -6,13 +6,13 @@ convention), measure original vs erased with the shipped classifier, export the 
 
 import ml_collections
 
-from esd_jax import shapes
+from esd_jax.shapes_world import world
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # A diffusers pipeline folder, a Hub repo id, a single-file CompVis checkpoint (.safetensors / .ckpt),
-  # "shapes-world" (the small trained model shipped in esd_jax/assets/shapes_world, see README), or
+  # "shapes-world" (the small trained model shipped in esd_jax/shapes_world/assets/shapes_world, see README), or
   # "tiny-random" (a small random SD 1.x-structured pipeline, built on first use under workdir).
   config.model = 'shapes-world'
   config.variant = ''  # weights variant of a diffusers folder, e.g. "fp16"; empty for the default files
@@ -63,12 +63,12 @@ def get_config() -> ml_collections.ConfigDict:
   # The erased model: `erase` writes export.formats to workdir/erased; `export` writes them to workdir/export
   # for any ESD weights file (export.weights), `compare` renders original vs erased with the generate settings.
   config.export = ml_collections.ConfigDict()
-  config.export.formats = ('diffusers', 'trained')  # trained | unet | diffusers | single_file (see convert/export.py)
+  config.export.formats = ('diffusers', 'trained')  # trained | unet | diffusers | single_file (see convert/erased.py)
   config.export.dtype = 'fp32'  # fp32 | fp16 | bf16
   config.export.weights = ''  # ESD weights (ours or the authors' .pt/.safetensors); '' = workdir's erasure
 
   config.generate = ml_collections.ConfigDict()
-  config.generate.prompts = tuple(f'a red {shape}' for shape in shapes.SHAPES)
+  config.generate.prompts = tuple(f'a red {shape}' for shape in world.SHAPES)
   config.generate.negative_prompt = ''
   config.generate.seeds = (0, 1, 2, 3)
   config.generate.guidance_scale = 7.5
@@ -84,7 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
   # workdir/report.json and workdir/erasure.png show the result. `evaluate` measures one model alone.
   config.evaluate = ml_collections.ConfigDict()
   config.evaluate.classifier = 'shapes-world'  # the shipped classifier, a classifier folder, or '' (no measuring)
-  config.evaluate.prompts = shapes.PROMPTS  # the 16 "a {colour} {shape}" prompts
+  config.evaluate.prompts = world.PROMPTS  # the 16 "a {colour} {shape}" prompts
   config.evaluate.seeds = 16  # images per prompt (seeds 0…n-1); the acceptance numbers use 64
   config.evaluate.steps = 50
   config.evaluate.guidance_scale = 7.5

@@ -9,18 +9,18 @@ Erasing the bare word instead moved the other colours as much as the erased one 
 """
 
 from configs import default
-from esd_jax import shapes
+from esd_jax.shapes_world import world
 
 
 def get_config(colour: str = 'red'):
-  if colour not in shapes.COLOUR_NAMES:
+  if colour not in world.COLOUR_NAMES:
     raise ValueError(f'configs/shapes_colour.py:{colour}: not a colour of the shapes world; choose one of '
-                     f'{shapes.COLOUR_NAMES}.')
+                     f'{world.COLOUR_NAMES}.')
   config = default.get_config()
   config.workdir = f'outputs/shapes-colour-{colour}'
-  config.erase.concepts = (colour,) * len(shapes.SHAPES)
+  config.erase.concepts = (colour,) * len(world.SHAPES)
   with config.ignore_type():  # one erase_from prompt per concept
-    config.erase.erase_from = tuple(f'a {colour} {shape}' for shape in shapes.SHAPES)
+    config.erase.erase_from = tuple(f'a {colour} {shape}' for shape in world.SHAPES)
   config.erase.method = 'esd-x'
   config.erase.negative_guidance = 1.0
   config.train.learning_rate = 1e-4

@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from convert import files
+from esd_jax import files
 
 UNET_PREFIX = 'model.diffusion_model.'
 VAE_PREFIX = 'first_stage_model.'

@@ -17,7 +17,7 @@ from typing import Any
 
 from flax import nnx
 
-from convert.files import SafetensorsReader, atomic_path, np_dtype, write_safetensors
+from esd_jax.files import SafetensorsReader, atomic_path, np_dtype, read_json, write_safetensors
 from esd_jax.models import build_abstract, clip
 from esd_jax.models.state_dict import load_state_dict, state_dict
 from esd_jax.pipeline import StableDiffusion
@@ -38,16 +38,6 @@ _PIPELINES = {
     True: ('StableDiffusionXLPipeline', {'feature_extractor': [None, None], 'image_encoder': [None, None],
                                          'force_zeros_for_empty_prompt': True}),
 }
-
-
-def read_json(path: Path) -> dict[str, Any]:
-  if not path.is_file():
-    raise FileNotFoundError(f'{path}: not found. A diffusers model folder needs it; is {path.parent} the '
-                            'right folder?')
-  try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path}: not valid JSON ({e}).') from e
 
 
 def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
@@ -109,26 +99,10 @@ def save_component(module: nnx.Module, folder: str | os.PathLike, *, dtype: str 
     _write_component(module, tmp, np_dtype(dtype))
 
 
-def _resolve(path_or_repo: str | os.PathLike, variant: str | None) -> Path:
-  path = Path(path_or_repo)
-  if path.exists() or os.path.isabs(path_or_repo) or str(path_or_repo).count('/') != 1:
-    if not path.is_dir():
-      raise FileNotFoundError(f'{path}: no such pipeline folder.')
-    return path
-  # A Hub repo id ("org/name"): fetch only what esd-jax reads (needs network access to the Hub).
-  from huggingface_hub import snapshot_download
-  weights = f'*.{variant}.safetensors' if variant else '*.safetensors'
-  return Path(snapshot_download(str(path_or_repo), allow_patterns=[
-      'model_index.json', '*/config.json', '*/scheduler_config.json', 'tokenizer*/*', f'*/{weights}',
-      '*/*.safetensors.index*.json']))
-
-
-def load_pipeline(path_or_repo: str | os.PathLike, *, variant: str | None = None,
-                  sharding: Sharding | None = None) -> StableDiffusion:
-  """Loads an SD 1.x/2.x/XL diffusers pipeline folder (or Hub repo id) into esd-jax models."""
+def load_folder(root: Path, *, variant: str | None = None, sharding: Sharding | None = None) -> StableDiffusion:
+  """Loads an SD 1.x/2.x/XL diffusers pipeline folder into esd-jax models."""
   from transformers import CLIPTokenizer
 
-  root = _resolve(path_or_repo, variant)
   index = read_json(root / 'model_index.json')
   parts: dict[str, Any] = {}
   for name in ('unet', 'vae', 'text_encoder', 'text_encoder_2'):

@@ -39,7 +39,7 @@ from flax import nnx
 
 from convert import compvis, files
 from convert.compvis import LazyTensor
-from convert.files import atomic_path, np_dtype, write_safetensors
+from esd_jax.files import atomic_path, np_dtype, write_safetensors
 from esd_jax.models.state_dict import key_of, load_state_dict, state_dict
 
 # The top-level modules of a diffusers UNet2DConditionModel as esd-jax builds it.

@@ -12,7 +12,7 @@ from absl import logging
 from tqdm import tqdm
 
 from esd_jax import images
-from esd_jax.evaluate import SHAPES_CLASSIFIER, SHAPES_WORLD
+from esd_jax.shapes_world.measure import SHAPES_CLASSIFIER, SHAPES_WORLD
 from esd_jax.generate import text_to_image
 
 _COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -82,7 +82,7 @@ def _slug(text: str) -> str:
 def erase(config: ml_collections.ConfigDict):
   """Trains (or resumes) the erasure, writes the erased model(s) to workdir/erased in export.formats, and
   (evaluate.classifier set) measures them against the original."""
-  from convert.export import erased_pipeline, export, export_models
+  from convert.erased import erased_pipeline, export, export_models
   from esd_jax.train import erase as run
 
   result = run(config)
@@ -111,13 +111,13 @@ def erase(config: ml_collections.ConfigDict):
 
 
 def _judge(config: ml_collections.ConfigDict):
-  from esd_jax.evaluate import load_judge
+  from esd_jax.shapes_world.measure import load_judge
   e = config.evaluate
   return load_judge(SHAPES_CLASSIFIER if e.classifier == 'shapes-world' else e.classifier)
 
 
 def _evaluation(config: ml_collections.ConfigDict):
-  from esd_jax.evaluate import Sampling
+  from esd_jax.shapes_world.measure import Sampling
   e = config.evaluate
   if e.seeds < 1 or not e.prompts:
     raise ValueError(f'evaluate.seeds = {e.seeds} and evaluate.prompts = {e.prompts!r}: measure at least one '
@@ -137,9 +137,9 @@ def measure_erasure(config: ml_collections.ConfigDict, pipe, erased: dict[str, t
   """Generates evaluate.prompts × evaluate.seeds with the original and each erased model ({name: (pipeline,
   concepts it erased)}), has the classifier name what each image shows, and writes workdir/report.json and
   workdir/erasure.png (rows: prompts; columns: the first evaluate.grid_seeds seeds of each model)."""
-  from convert.files import write_json
-  from esd_jax.evaluate import erasure_summary, generate_jax, score
-  from esd_jax.shapes import parse
+  from esd_jax.files import write_json
+  from esd_jax.shapes_world.measure import erasure_summary, generate_jax, score
+  from esd_jax.shapes_world.world import parse
 
   judge = _judge(config)
   prompts, seeds, sampling = _evaluation(config)
@@ -178,8 +178,8 @@ def evaluate(config: ml_collections.ConfigDict) -> dict:
   """Measures config.model (with export.weights applied, when set) on evaluate.prompts × evaluate.seeds, on
   our JAX pipeline or (evaluate.backend=diffusers) on diffusers' StableDiffusionPipeline in PyTorch; writes
   workdir/evaluate_{backend}.json and a grid of the first evaluate.grid_seeds seeds."""
-  from convert.files import write_json
-  from esd_jax.evaluate import generate_diffusers, generate_jax, score
+  from esd_jax.files import write_json
+  from esd_jax.shapes_world.measure import generate_diffusers, generate_jax, score
   from esd_jax.generate import latent_size
 
   e = config.evaluate
@@ -187,7 +187,7 @@ def evaluate(config: ml_collections.ConfigDict) -> dict:
   judge = _judge(config)
   pipe = load_model(config)
   if config.export.weights:
-    from convert.export import erased_pipeline
+    from convert.erased import erased_pipeline
     pipe = erased_pipeline(pipe, _weights(config))
   start = time.perf_counter()
   if e.backend == 'jax':
@@ -228,7 +228,7 @@ def _weights(config: ml_collections.ConfigDict):
 
 def export(config: ml_collections.ConfigDict) -> dict:
   """Writes the base model with ESD weights applied to workdir/export, in every format of export.formats."""
-  from convert.export import export as write
+  from convert.erased import export as write
 
   weights = _weights(config)
   paths = write(load_model(config), weights, Path(config.workdir) / 'export', config.export.formats,
@@ -240,7 +240,7 @@ def export(config: ml_collections.ConfigDict) -> dict:
 
 def compare(config: ml_collections.ConfigDict) -> Path:
   """Original vs erased, side by side, for generate.prompts × generate.seeds: workdir/compare/grid.png."""
-  from convert.export import erased_pipeline
+  from convert.erased import erased_pipeline
 
   g = config.generate
   pipe = load_model(config)
@@ -297,7 +297,7 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
 
 def train_world(config: ml_collections.ConfigDict) -> Path:
   """Trains the shapes-world pipeline and its classifier (configs/train_world.py) into config.output."""
-  from esd_jax.world_model import Recipe, train_world_model
+  from esd_jax.shapes_world.trainer import Recipe, train_world_model
 
   out = Path(config.output)
   train_judge(config.classifier.steps, config.classifier.seed, out / 'shapes_classifier')
@@ -308,14 +308,14 @@ def train_world(config: ml_collections.ConfigDict) -> Path:
 
 def train_judge(steps: int, seed: int, folder: Path) -> dict:
   """Trains the shapes classifier, saves it to `folder` with training.json (settings, held-out accuracy)."""
-  from convert.files import write_json
+  from esd_jax.files import write_json
   from esd_jax import classifier
 
   start = time.perf_counter()
   judge = classifier.train_classifier(steps, seed)
   record = {'steps': steps, 'seed': seed, 'seconds': round(time.perf_counter() - start, 1),
-            'held_out_accuracy': {'clean': classifier.evaluate(judge),
-                                  'degraded': classifier.evaluate(judge, augmented=True)}}
+            'held_out_accuracy': {'clean': classifier.held_out_accuracy(judge),
+                                  'degraded': classifier.held_out_accuracy(judge, augmented=True)}}
   classifier.save_classifier(judge, folder)
   write_json(folder / 'training.json', record)
   print(f'Classifier: {folder}, held-out accuracy {record["held_out_accuracy"]}')

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from convert.files import atomic_path
+from esd_jax.files import atomic_path
 
 _PAD = 4
 

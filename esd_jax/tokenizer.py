@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from convert.files import atomic_path
+from esd_jax.files import atomic_path
 
 BOS, EOS = '<|startoftext|>', '<|endoftext|>'
 

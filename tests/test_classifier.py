@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from esd_jax import classifier, shapes
+from esd_jax.shapes_world import classifier, world
 from esd_jax.models.config import ConfigError
 from esd_jax.models.state_dict import state_dict
 
@@ -21,12 +21,12 @@ def model():
 
 def test_short_training_is_accurate(model):
   for augmented in (False, True):
-    accuracy = classifier.evaluate(model, 500, augmented=augmented)
+    accuracy = classifier.held_out_accuracy(model, 500, augmented=augmented)
     assert accuracy['shape'] >= 0.95 and accuracy['colour'] >= 0.95, (augmented, accuracy)
 
 
 def test_predict_takes_uint8_and_float(model):
-  images, shape_ids, colour_ids, _ = shapes.sample(11, 37)  # not a multiple of the batch: padding path
+  images, shape_ids, colour_ids, _ = world.sample(11, 37)  # not a multiple of the batch: padding path
   ids_u8 = classifier.predict(model, images, batch_size=16)
   ids_f = classifier.predict(model, images.astype(np.float32) / 255, batch_size=16)
   np.testing.assert_allclose(ids_u8[2], ids_f[2], atol=1e-5)
@@ -47,7 +47,7 @@ def test_save_load_round_trip(model, tmp_path):
   assert sorted(want) == sorted(got)
   for key in want:
     assert np.array_equal(np.asarray(want[key]), np.asarray(got[key])), key
-  images = shapes.sample(5, 16)[0]
+  images = world.sample(5, 16)[0]
   assert np.array_equal(classifier.predict(model, images, batch_size=16)[2],
                         classifier.predict(loaded, images, batch_size=16)[2])
 
@@ -61,7 +61,7 @@ def test_bad_folders(tmp_path):
 
 
 def test_blur():
-  images = jnp.asarray(shapes.sample(1, 4)[0], jnp.float32) / 255
+  images = jnp.asarray(world.sample(1, 4)[0], jnp.float32) / 255
   blur = jax.jit(classifier._blur)
   np.testing.assert_allclose(blur(images, jnp.zeros(4)), images, atol=1e-6)
   soft = np.asarray(blur(images, jnp.full(4, 1.5)))

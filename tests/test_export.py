@@ -6,8 +6,8 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.numpy import load_file
 
-import convert
-from convert.export import FORMATS, erased_pipeline, export
+from esd_jax.loading import load_pipeline
+from convert.erased import FORMATS, erased_pipeline, write_erased
 from convert.single_file import load_single_file
 from esd_jax.methods import trained_keys
 from esd_jax.models.state_dict import state_dict
@@ -19,13 +19,13 @@ from tests.reference import nchw, nhwc, rel_err
 def exported(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('export')
   torch_pipelines.make_sd(tmp)
-  pipe = convert.load_pipeline(tmp / 'pipe')
+  pipe = load_pipeline(tmp / 'pipe')
   base = state_dict(pipe.unet)
   rng = np.random.default_rng(0)
   # Stand-in for an erasure: the esd-x tensors moved well away from the base.
   trained = {k: np.asarray(base[k]) + 0.05 * rng.standard_normal(base[k].shape).astype(np.float32)
              for k in trained_keys(base, 'esd-x')}
-  paths = export(pipe, trained, tmp / 'out', FORMATS, metadata={'concept': 'a cat'})
+  paths = write_erased(pipe, trained, tmp / 'out', FORMATS, metadata={'concept': 'a cat'})
   return tmp, pipe, erased_pipeline(pipe, trained), trained, paths
 
 
@@ -82,4 +82,4 @@ def test_single_file_round_trip_and_diffusers_single_file_loader(exported):
 def test_unknown_format(exported):
   tmp, pipe, _, trained, _ = exported
   with pytest.raises(ValueError, match=r"Unknown export format\(s\) \['onnx'\]"):
-    export(pipe, trained, tmp / 'x', ['onnx'])
+    write_erased(pipe, trained, tmp / 'x', ['onnx'])

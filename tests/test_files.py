@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file as torch_load_file
 
-from convert.files import SafetensorsReader, atomic_path, np_dtype, write_safetensors
+from esd_jax.files import SafetensorsReader, atomic_path, np_dtype, write_safetensors
 
 
 def _tensors():

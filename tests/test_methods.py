@@ -2,7 +2,7 @@
 
 import pytest
 
-from esd_jax.commands import unet_config
+from esd_jax.loading import unet_config
 from esd_jax.methods import summary, trained_keys
 from esd_jax.models import build_abstract
 from esd_jax.models.state_dict import param_shapes

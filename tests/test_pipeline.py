@@ -11,6 +11,7 @@ from safetensors.numpy import load_file
 
 import convert.diffusers_format as fmt
 from esd_jax.generate import text_to_image
+from esd_jax.loading import ModelNotFound, model_path
 from esd_jax.models import clip
 from esd_jax.models.config import ConfigError
 from esd_jax.models.state_dict import state_dict
@@ -35,7 +36,7 @@ def _sample_both(pipe_ref, pipe, steps=4, guidance=7.5, negative=''):
 @pytest.mark.parametrize('sd2', [False, True], ids=['sd1', 'sd2'])
 def test_text_to_image_matches_diffusers(tmp_path, sd2):
   ref_pipe = torch_pipelines.make_sd(tmp_path, sd2=sd2)
-  ours, ref = _sample_both(ref_pipe, fmt.load_pipeline(tmp_path / 'pipe'))
+  ours, ref = _sample_both(ref_pipe, fmt.load_folder(tmp_path / 'pipe'))
   assert ours.shape == ref.shape == (2, 32, 32, 3)
   assert np.abs(ours - ref).max() <= 1 / 255
   assert ref.std() > 0.01  # the comparison is not between two blank images
@@ -44,7 +45,7 @@ def test_text_to_image_matches_diffusers(tmp_path, sd2):
 @pytest.mark.parity
 def test_sdxl_text_to_image_matches_diffusers(tmp_path):
   ref_pipe = torch_pipelines.make_sdxl(tmp_path)
-  ours, ref = _sample_both(ref_pipe, fmt.load_pipeline(tmp_path / 'pipe'), negative=None)
+  ours, ref = _sample_both(ref_pipe, fmt.load_folder(tmp_path / 'pipe'), negative=None)
   assert np.abs(ours - ref).max() <= 1 / 255
 
 
@@ -57,7 +58,7 @@ def _safetensors_in(folder):
 @pytest.mark.parametrize('sdxl', [False, True], ids=['sd', 'sdxl'])
 def test_pipeline_folder_round_trip_is_bit_exact_and_loads_in_diffusers(tmp_path, sdxl):
   ref_pipe = torch_pipelines.make_sdxl(tmp_path) if sdxl else torch_pipelines.make_sd(tmp_path)
-  fmt.save_pipeline(fmt.load_pipeline(tmp_path / 'pipe'), tmp_path / 'out')
+  fmt.save_pipeline(fmt.load_folder(tmp_path / 'pipe'), tmp_path / 'out')
   src, out = _safetensors_in(tmp_path / 'pipe'), _safetensors_in(tmp_path / 'out')
   assert src.keys() == out.keys() and len(src) == (4 if sdxl else 3)
   for component, tensors in src.items():
@@ -94,14 +95,14 @@ def pipe_dir(tmp_path):
 def test_missing_component(pipe_dir):
   shutil.rmtree(pipe_dir / 'vae')
   with pytest.raises(FileNotFoundError, match=r'vae/config.json: not found'):
-    fmt.load_pipeline(pipe_dir)
+    fmt.load_folder(pipe_dir)
 
 
 def test_truncated_weights(pipe_dir):
   path = pipe_dir / 'unet' / 'diffusion_pytorch_model.safetensors'
   path.write_bytes(path.read_bytes()[:-1000])
   with pytest.raises(ValueError, match=r'unet/diffusion_pytorch_model.safetensors: not a readable safetensors'):
-    fmt.load_pipeline(pipe_dir)
+    fmt.load_folder(pipe_dir)
 
 
 def _edit_config(path, **changes):
@@ -113,25 +114,30 @@ def _edit_config(path, **changes):
 def test_wrong_shape(pipe_dir):
   _edit_config(pipe_dir / 'unet' / 'config.json', cross_attention_dim=40)
   with pytest.raises(ValueError, match=r"unet: tensor '.*attn2.to_k.weight' has shape \(32, 32\).*expects \(32, 40\)"):
-    fmt.load_pipeline(pipe_dir)
+    fmt.load_folder(pipe_dir)
 
 
 def test_unknown_config_field(pipe_dir):
   _edit_config(pipe_dir / 'vae' / 'config.json', shiny_new_option=True)
   with pytest.raises(ConfigError, match=r"vae/config.json: AutoencoderKL has config field\(s\) \['shiny_new_option'\]"):
-    fmt.load_pipeline(pipe_dir)
+    fmt.load_folder(pipe_dir)
 
 
 def test_not_a_pipeline_folder(tmp_path):
-  with pytest.raises(FileNotFoundError, match='no such pipeline folder'):
-    fmt.load_pipeline(tmp_path / 'nowhere')
+  with pytest.raises(ModelNotFound, match='no such pipeline folder or checkpoint file'):
+    model_path(str(tmp_path / 'nowhere'), tmp_path)
   tmp_path.joinpath('empty').mkdir()
+  with pytest.raises(ModelNotFound, match='without model_index.json'):
+    model_path(str(tmp_path / 'empty'), tmp_path)
   with pytest.raises(FileNotFoundError, match='model_index.json: not found'):
-    fmt.load_pipeline(tmp_path / 'empty')
+    fmt.load_folder(tmp_path / 'empty')
+  tmp_path.joinpath('weights.bin').write_bytes(b'x')
+  with pytest.raises(ModelNotFound, match='is a file but not a single-file checkpoint'):
+    model_path(str(tmp_path / 'weights.bin'), tmp_path)
 
 
 def test_failed_save_leaves_no_partial_output(pipe_dir, monkeypatch):
-  pipe = fmt.load_pipeline(pipe_dir)
+  pipe = fmt.load_folder(pipe_dir)
   calls = []
 
   def failing(path, tensors, **kwargs):

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 from transformers import CLIPTokenizer
 
-from esd_jax import shapes
+from esd_jax.shapes_world import world
 from esd_jax.tokenizer import write_clip_tokenizer
 
-SIDES = range(shapes.MIN_SIDE, shapes.MAX_SIDE + 1)
+SIDES = range(world.MIN_SIDE, world.MAX_SIDE + 1)
 CIRCLE, SQUARE, TRIANGLE, CROSS = range(4)
 
 
 def _mask(shape_id, side, position=(7, 9)):
-  return shapes.masks([shape_id], [side], [position])[0]
+  return world.masks([shape_id], [side], [position])[0]
 
 
 def _bbox(mask):
@@ -65,8 +65,8 @@ def test_shape_details():
 
 
 def test_colours_and_background_exact():
-  images, shape_ids, colour_ids, _ = shapes.sample(0, 256)
-  palette = np.array(list(shapes.COLOURS.values()))
+  images, shape_ids, colour_ids, _ = world.sample(0, 256)
+  palette = np.array(list(world.COLOURS.values()))
   assert palette.tolist() == [[220, 40, 40], [40, 170, 60], [40, 80, 220], [230, 200, 40]]
   white = (images == 255).all(-1)
   painted = (images == palette[colour_ids][:, None, None, :]).all(-1)
@@ -76,11 +76,11 @@ def test_colours_and_background_exact():
 
 
 def test_layouts_cover_the_world():
-  shape_ids, colour_ids, sizes, positions = shapes.sample_layout(np.random.default_rng(1), 40_000)
+  shape_ids, colour_ids, sizes, positions = world.sample_layout(np.random.default_rng(1), 40_000)
   assert set(shape_ids) == set(range(4)) and set(colour_ids) == set(range(4))
   assert set(sizes) == set(SIDES)
   ends = positions + sizes[:, None] - 1
-  assert positions.min() == shapes.MARGIN and ends.max() == shapes.SIZE - 1 - shapes.MARGIN
+  assert positions.min() == world.MARGIN and ends.max() == world.SIZE - 1 - world.MARGIN
   for side in (24, 44):  # the extreme placements of the extreme sizes are reachable
     at = positions[sizes == side]
     assert at.min() == 4 and at.max() == 60 - side
@@ -89,50 +89,50 @@ def test_layouts_cover_the_world():
 
 
 def test_reproducible():
-  a, b = shapes.sample(3, 64), shapes.sample(np.random.default_rng(3), 64)
+  a, b = world.sample(3, 64), world.sample(np.random.default_rng(3), 64)
   assert (a[0] == b[0]).all() and (a[1] == b[1]).all() and (a[2] == b[2]).all() and a[3] == b[3]
-  assert not (a[0] == shapes.sample(4, 64)[0]).all()
+  assert not (a[0] == world.sample(4, 64)[0]).all()
 
 
 def test_draw_validates():
   with pytest.raises(ValueError, match='shape ids'):
-    shapes.draw([4], [0], [30], [(4, 4)])
+    world.draw([4], [0], [30], [(4, 4)])
   with pytest.raises(ValueError, match='colour ids'):
-    shapes.draw([0], [4], [30], [(4, 4)])
+    world.draw([0], [4], [30], [(4, 4)])
   with pytest.raises(ValueError, match='one of each'):
-    shapes.draw([0, 1], [0, 1], [30], [(4, 4)])
+    world.draw([0, 1], [0, 1], [30], [(4, 4)])
 
 
 def test_captions_describe_their_images():
-  assert math.isclose(sum(p for _, p in shapes.CAPTIONS), 1.0)
+  assert math.isclose(sum(p for _, p in world.CAPTIONS), 1.0)
   n = 40_000
-  shape_ids, colour_ids, _, _ = shapes.sample_layout(np.random.default_rng(2), n)
-  captions = shapes.captions(np.random.default_rng(2), shape_ids, colour_ids)
+  shape_ids, colour_ids, _, _ = world.sample_layout(np.random.default_rng(2), n)
+  captions = world.captions(np.random.default_rng(2), shape_ids, colour_ids)
   counts = collections.Counter(captions)
   assert abs(counts[''] / n - 0.10) < 0.01
   for caption, k, c in zip(captions, shape_ids, colour_ids):
-    assert set(caption.split()) <= set(shapes.WORDS)
-    shape, colour = shapes.parse(caption)
+    assert set(caption.split()) <= set(world.WORDS)
+    shape, colour = world.parse(caption)
     assert shape in (None, k) and colour in (None, c)
-  for word in shapes.WORDS:  # every word is, on its own, a caption the model trains on
+  for word in world.WORDS:  # every word is, on its own, a caption the model trains on
     assert counts[word] > 0, word
   for prompt in ('a red circle', 'circle', 'a circle', 'red circle', 'a red shape', 'red'):
     assert counts[prompt] > 0, prompt
 
 
 def test_prompts():
-  assert len(set(shapes.PROMPTS)) == 16
+  assert len(set(world.PROMPTS)) == 16
   for k in range(4):
     for c in range(4):
-      prompt = shapes.PROMPTS[4 * k + c]
-      assert prompt == f'a {shapes.COLOUR_NAMES[c]} {shapes.SHAPES[k]}'
-      assert shapes.parse(prompt) == (k, c)
-  assert shapes.parse('A Shape') == (None, None)
+      prompt = world.PROMPTS[4 * k + c]
+      assert prompt == f'a {world.COLOUR_NAMES[c]} {world.SHAPES[k]}'
+      assert world.parse(prompt) == (k, c)
+  assert world.parse('A Shape') == (None, None)
 
 
 def test_every_word_is_one_token(tmp_path):
-  write_clip_tokenizer(tmp_path / 'tokenizer', shapes.WORDS, model_max_length=8)
+  write_clip_tokenizer(tmp_path / 'tokenizer', world.WORDS, model_max_length=8)
   tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path / 'tokenizer'))
-  for template, _ in shapes.CAPTIONS:
+  for template, _ in world.CAPTIONS:
     caption = template.format(colour='yellow', shape='triangle')
     assert tokenizer.tokenize(caption) == [w + '</w>' for w in caption.split()]

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from convert import load_pipeline
-from esd_jax import classifier
-from esd_jax.evaluate import SHAPES_CLASSIFIER, SHAPES_WORLD, Sampling, generate_diffusers, generate_jax, score
-from esd_jax.world_model import UNET, VAE, Recipe
+from esd_jax.loading import load_pipeline
+from esd_jax.shapes_world import classifier
+from esd_jax.shapes_world.measure import SHAPES_CLASSIFIER, SHAPES_WORLD, Sampling, generate_diffusers, generate_jax, score
+from esd_jax.shapes_world.trainer import UNET, VAE, Recipe
 
 
 @pytest.fixture(scope='module')
@@ -29,7 +29,7 @@ def test_shipped_pipeline_is_the_recipes_output(pipe):
 def test_shipped_classifier_is_accurate_on_held_out_drawings():
   judge = classifier.load_classifier(SHAPES_CLASSIFIER)
   for augmented in (False, True):
-    accuracy = classifier.evaluate(judge, 2000, augmented=augmented)
+    accuracy = classifier.held_out_accuracy(judge, 2000, augmented=augmented)
     assert accuracy['shape'] >= 0.99 and accuracy['colour'] >= 0.99, (augmented, accuracy)
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from configs.default import get_config
 from esd_jax import commands
-from esd_jax.evaluate import SHAPES_CLASSIFIER, Sampling, generate_diffusers, generate_jax, load_judge, score
-from esd_jax.shapes import COLOUR_NAMES
+from esd_jax.shapes_world.measure import SHAPES_CLASSIFIER, Sampling, generate_diffusers, generate_jax, load_judge, score
+from esd_jax.shapes_world.world import COLOUR_NAMES
 
 SEEDS = 8  # the README's numbers use 64
 
@@ -33,7 +33,7 @@ def test_default_erasure_meets_the_criteria_in_jax_and_in_diffusers(tmp_path):
   prompts = ['a red circle', 'a blue circle', 'a green square']
   seeds, sampling = list(range(2)), Sampling()
   theirs = generate_diffusers(tmp_path / 'erased' / 'pipeline', prompts, seeds, sampling, latent_shape=(8, 8, 4))
-  from convert.export import erased_pipeline
+  from convert.erased import erased_pipeline
   ours = generate_jax(erased_pipeline(result.pipe, result.trained), prompts, seeds, sampling)
   assert np.abs(ours - theirs).max() <= 2 / 255
   judge = load_judge(SHAPES_CLASSIFIER)
@@ -43,8 +43,8 @@ def test_default_erasure_meets_the_criteria_in_jax_and_in_diffusers(tmp_path):
 @pytest.mark.parity
 def test_colour_erasure_with_esd_x_meets_the_criteria(tmp_path):
   from configs.shapes_colour import get_config as colour_config
-  from convert.export import erased_pipeline
-  from esd_jax.shapes import PROMPTS, parse
+  from convert.erased import erased_pipeline
+  from esd_jax.shapes_world.world import PROMPTS, parse
   from esd_jax.train import erase
 
   config = colour_config('red')

@@ -2,27 +2,28 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
 from flax import nnx
 
-# config.json `_class_name` (diffusers) or `architectures[0]` (transformers) → module:class.
-_CLASSES = {
-    'UNet2DConditionModel': 'esd_jax.models.unet:UNet2DConditionModel',
-    'AutoencoderKL': 'esd_jax.models.vae:AutoencoderKL',
-    'CLIPTextModel': 'esd_jax.models.clip:CLIPTextModel',
-    'CLIPTextModelWithProjection': 'esd_jax.models.clip:CLIPTextModelWithProjection',
-    'ShapesClassifier': 'esd_jax.classifier:ShapesClassifier',
+from esd_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
+from esd_jax.models.unet import UNet2DConditionModel
+from esd_jax.models.vae import AutoencoderKL
+
+# config.json `_class_name` (diffusers) or `architectures[0]` (transformers) → model class.
+CLASSES: dict[str, type[nnx.Module]] = {
+    'UNet2DConditionModel': UNet2DConditionModel,
+    'AutoencoderKL': AutoencoderKL,
+    'CLIPTextModel': CLIPTextModel,
+    'CLIPTextModelWithProjection': CLIPTextModelWithProjection,
 }
 
 
 def model_class(name: str) -> type[nnx.Module]:
-  if name not in _CLASSES:
-    raise ValueError(f'Model class {name!r} is not implemented in esd-jax; supported: {sorted(_CLASSES)}.')
-  module, cls = _CLASSES[name].split(':')
-  return getattr(importlib.import_module(module), cls)
+  if name not in CLASSES:
+    raise ValueError(f'Model class {name!r} is not implemented in esd-jax; supported: {sorted(CLASSES)}.')
+  return CLASSES[name]
 
 
 def class_name_of(config: Mapping[str, Any]) -> str:

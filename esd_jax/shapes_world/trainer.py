@@ -1,11 +1,11 @@
 """Trains the shapes-world text-to-image model: Stable Diffusion's structure, small, from one seed.
 
-Three stages, each on freshly drawn images of the world (esd_jax.shapes), with this project's Flax models:
+Three stages, each on freshly drawn images of the world (esd_jax.shapes_world.world), with this project's Flax models:
 1. the VAE (64×64×3 ↔ 8×8×4): L1 + L2 reconstruction of a posterior sample and a small KL term;
 2. its `scaling_factor`, set as Stable Diffusion's was: 1 / std of the latents, so they enter the
    diffusion at unit scale;
 3. the UNet and the CLIP text encoder together, on the ε-prediction objective of SD's noise schedule, the
-   captions of shapes.captions (10 % empty: classifier-free guidance), parameters averaged (EMA).
+   captions of world.captions (10 % empty: classifier-free guidance), parameters averaged (EMA).
 The result is saved as a diffusers pipeline folder (DDIM scheduler, a tokenizer in which every world word is
 one token); `main.py train_world` runs it (configs/train_world.py).
 """
@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from esd_jax import shapes
-from esd_jax.fit import fit
+from esd_jax.shapes_world import world
+from esd_jax.shapes_world.fit import fit
 from esd_jax.models import build
 from esd_jax.pipeline import StableDiffusion
 from esd_jax.schedulers import make_scheduler
@@ -36,7 +36,7 @@ VAE = {
     '_class_name': 'AutoencoderKL', 'in_channels': 3, 'out_channels': 3, 'latent_channels': 4,
     'block_out_channels': [16, 32, 64, 64], 'layers_per_block': 1, 'norm_num_groups': 8,
     'down_block_types': ['DownEncoderBlock2D'] * 4, 'up_block_types': ['UpDecoderBlock2D'] * 4,
-    'sample_size': shapes.SIZE, 'scaling_factor': 1.0,
+    'sample_size': world.SIZE, 'scaling_factor': 1.0,
 }
 UNET = {
     '_class_name': 'UNet2DConditionModel', 'sample_size': 8, 'in_channels': 4, 'out_channels': 4,
@@ -68,11 +68,11 @@ class Recipe:
 
 
 def world_tokenizer(folder: str | os.PathLike):
-  """Writes the world's CLIP tokenizer (each of shapes.WORDS one token) to `folder` and loads it."""
+  """Writes the world's CLIP tokenizer (each of world.WORDS one token) to `folder` and loads it."""
   from transformers import CLIPTokenizer
 
   from esd_jax.tokenizer import write_clip_tokenizer
-  write_clip_tokenizer(folder, shapes.WORDS, model_max_length=MAX_TOKENS)
+  write_clip_tokenizer(folder, world.WORDS, model_max_length=MAX_TOKENS)
   return CLIPTokenizer.from_pretrained(str(folder))
 
 
@@ -93,7 +93,7 @@ def train_vae(recipe: Recipe, *, log_every: int = 100):
   vae = build(VAE, seed=recipe.seed)
   graphdef, params = nnx.split(vae)
   loss = lambda p, key, images: vae_loss(nnx.merge(graphdef, p), key, _pixels(images), recipe.kl_weight)
-  params, history = fit(params, loss, lambda rng: (shapes.sample(rng, recipe.vae_batch)[0],),
+  params, history = fit(params, loss, lambda rng: (world.sample(rng, recipe.vae_batch)[0],),
                         steps=recipe.vae_steps, seed=recipe.seed, learning_rate=recipe.vae_learning_rate,
                         desc='vae', log_every=log_every)
   return nnx.merge(graphdef, params), history
@@ -106,7 +106,7 @@ def _posterior(vae: nnx.Module, images: jax.Array):
 
 def latent_scale(vae: nnx.Module, *, n: int = 2048, seed: int = 1) -> float:
   """1 / std of the posterior means of n world images (how SD chose 0.18215)."""
-  mean, _ = _posterior(vae, _pixels(shapes.sample(seed, n)[0]))
+  mean, _ = _posterior(vae, _pixels(world.sample(seed, n)[0]))
   return float(1.0 / jnp.std(mean))
 
 
@@ -131,7 +131,7 @@ def train_denoiser(vae: nnx.Module, tokenizer, recipe: Recipe, *, log_every: int
   scale = vae.config['scaling_factor']
 
   def next_batch(rng):
-    images, _, _, captions = shapes.sample(rng, recipe.unet_batch)
+    images, _, _, captions = world.sample(rng, recipe.unet_batch)
     return images, jnp.asarray(tokenize(tokenizer, captions), jnp.int32)
 
   def loss(params, key, images, input_ids):
@@ -153,7 +153,7 @@ def train_world_model(folder: str | os.PathLike, recipe: Recipe = Recipe()) -> t
   import tempfile
 
   from convert.diffusers_format import save_pipeline
-  from convert.files import write_json
+  from esd_jax.files import write_json
 
   with tempfile.TemporaryDirectory() as tmp:
     tokenizer = world_tokenizer(Path(tmp) / 'tokenizer')

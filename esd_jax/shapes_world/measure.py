@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from esd_jax import classifier as judge
-from esd_jax import shapes
+from esd_jax.shapes_world import world
 from esd_jax.generate import latent_size, text_to_image
 from esd_jax.pipeline import StableDiffusion
 
@@ -86,12 +86,12 @@ def score(model: judge.ShapesClassifier, prompts: Sequence[str], images: np.ndar
   shape_ids, colour_ids = shape_ids.reshape(n_prompts, n_seeds), colour_ids.reshape(n_prompts, n_seeds)
   report = {}
   for i, prompt in enumerate(prompts):
-    shape, colour = shapes.parse(prompt)
+    shape, colour = world.parse(prompt)
     report[prompt] = {
         'shape': None if shape is None else float(np.mean(shape_ids[i] == shape)),
         'colour': None if colour is None else float(np.mean(colour_ids[i] == colour)),
-        'shapes': {name: int(np.sum(shape_ids[i] == k)) for k, name in enumerate(shapes.SHAPES)},
-        'colours': {name: int(np.sum(colour_ids[i] == k)) for k, name in enumerate(shapes.COLOUR_NAMES)},
+        'shapes': {name: int(np.sum(shape_ids[i] == k)) for k, name in enumerate(world.SHAPES)},
+        'colours': {name: int(np.sum(colour_ids[i] == k)) for k, name in enumerate(world.COLOUR_NAMES)},
     }
   return report
 
@@ -115,13 +115,13 @@ def erasure_summary(base: dict[str, dict], erased: dict[str, dict], concept: str
   `others`: for each other shape (colour), its accuracy over the prompts naming it, before and after.
   For a colour, `kept_shape` is the shape accuracy on the prompts naming the erased colour.
   """
-  shape, colour = shapes.parse(concept)
+  shape, colour = world.parse(concept)
   if (shape is None) == (colour is None):
     raise ValueError(f'{concept!r} names {"no" if shape is None else "more than one"} shape or colour of the '
-                     f'world; the summary measures erasing one of {shapes.SHAPES + shapes.COLOUR_NAMES}.')
-  key, names, erased_id = ('shape', shapes.SHAPES, shape) if shape is not None else ('colour', shapes.COLOUR_NAMES,
+                     f'world; the summary measures erasing one of {world.SHAPES + world.COLOUR_NAMES}.')
+  key, names, erased_id = ('shape', world.SHAPES, shape) if shape is not None else ('colour', world.COLOUR_NAMES,
                                                                                     colour)
-  naming = lambda k: [p for p in base if shapes.parse(p)[0 if key == 'shape' else 1] == k]
+  naming = lambda k: [p for p in base if world.parse(p)[0 if key == 'shape' else 1] == k]
   summary = {'concept': concept, 'kind': key, 'base_rate': mean_rate(base, key, naming(erased_id)),
              'erased_rate': mean_rate(erased, key, naming(erased_id)), 'others': {}}
   for k, name in enumerate(names):

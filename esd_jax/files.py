@@ -74,6 +74,16 @@ def _fsync(path: Path) -> None:
       os.fsync(f.fileno())
 
 
+def read_json(path: Path) -> dict[str, Any]:
+  if not path.is_file():
+    raise FileNotFoundError(f'{path}: not found. A diffusers model folder needs it; is {path.parent} the '
+                            'right folder?')
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path}: not valid JSON ({e}).') from e
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
   with atomic_path(path) as tmp:
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n')

@@ -21,9 +21,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from convert.files import SafetensorsReader, atomic_path, write_json, write_safetensors
-from esd_jax import shapes
-from esd_jax.fit import fit
+from esd_jax.files import SafetensorsReader, atomic_path, write_json, write_safetensors
+from esd_jax.shapes_world import world
+from esd_jax.shapes_world.fit import fit
 from esd_jax.models.config import read_config
 from esd_jax.models.layers import Conv2d, GroupNorm, Linear, ParamKeys
 from esd_jax.models.state_dict import abstract, load_state_dict, state_dict
@@ -41,7 +41,7 @@ EVAL_SEED = 2_000_003  # held-out images: a seed no training run in this project
 
 class ShapesClassifier(nnx.Module):
   """Stride-2 conv blocks (conv → GroupNorm → SiLU), mean- and max-pooled, then a shared hidden layer and
-  two heads: `shape_head` (logits over shapes.SHAPES) and `colour_head` (logits over shapes.COLOURS).
+  two heads: `shape_head` (logits over world.SHAPES) and `colour_head` (logits over world.COLOURS).
 
   Takes NHWC float images in [0, 1].
   """
@@ -55,8 +55,8 @@ class ShapesClassifier(nnx.Module):
                            for a, b in zip(widths, widths[1:])])
     self.norms = nnx.List([GroupNorm(c['norm_num_groups'], b) for b in widths[1:]])
     self.hidden = Linear(2 * widths[-1], c['hidden'], rngs=rngs)
-    self.shape_head = Linear(c['hidden'], len(shapes.SHAPES), rngs=rngs)
-    self.colour_head = Linear(c['hidden'], len(shapes.COLOURS), rngs=rngs)
+    self.shape_head = Linear(c['hidden'], len(world.SHAPES), rngs=rngs)
+    self.colour_head = Linear(c['hidden'], len(world.COLOURS), rngs=rngs)
 
   def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(shape logits, colour logits) of float images in [0, 1]."""
@@ -69,9 +69,8 @@ class ShapesClassifier(nnx.Module):
 
 
 def build_classifier(config: Mapping[str, Any] | None = None, *, seed: int = 0) -> ShapesClassifier:
-  """A randomly initialised classifier (through esd_jax.models.build, which initialises inside one jit)."""
-  from esd_jax.models import build
-  return build({**(config or {}), '_class_name': CLASS_NAME}, seed=seed)
+  """A randomly initialised classifier."""
+  return ShapesClassifier({**(config or {}), '_class_name': CLASS_NAME}, rngs=nnx.Rngs(seed))
 
 
 def _blur(images: jax.Array, sigma: jax.Array, radius: int = 4) -> jax.Array:
@@ -107,11 +106,11 @@ def augment(key: jax.Array, images: jax.Array, noise: jax.Array) -> jax.Array:
 def training_batch(rng: np.random.Generator, n: int):
   """n fresh drawings (uint8) with their shape and colour ids, sides in TRAIN_SIDES anywhere on the canvas,
   and standard normal noise for `augment`."""
-  shape_ids = rng.integers(0, len(shapes.SHAPES), n)
-  colour_ids = rng.integers(0, len(shapes.COLOURS), n)
+  shape_ids = rng.integers(0, len(world.SHAPES), n)
+  colour_ids = rng.integers(0, len(world.COLOURS), n)
   sides = rng.integers(TRAIN_SIDES[0], TRAIN_SIDES[1] + 1, n)
-  positions = rng.integers(0, shapes.SIZE - sides[:, None] + 1, (n, 2))
-  images = shapes.draw(shape_ids, colour_ids, sides, positions)
+  positions = rng.integers(0, world.SIZE - sides[:, None] + 1, (n, 2))
+  images = world.draw(shape_ids, colour_ids, sides, positions)
   return images, shape_ids, colour_ids, rng.standard_normal(images.shape, np.float32)
 
 
@@ -151,7 +150,7 @@ def _probs(model: ShapesClassifier, images: jax.Array):
 
 def predict(model: ShapesClassifier, images, *, batch_size: int = 512):
   """(shape_ids, colour_ids, shape_probs, colour_probs) of NHWC images: uint8 in 0…255, or floats in [0, 1]
-  (as pipelines return them). Ids index shapes.SHAPES and shapes.COLOURS; all results are numpy arrays."""
+  (as pipelines return them). Ids index world.SHAPES and world.COLOURS; all results are numpy arrays."""
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f'predict: expected NHWC RGB images, got an array of shape {images.shape}.')
@@ -172,11 +171,11 @@ def predict(model: ShapesClassifier, images, *, batch_size: int = 512):
 _augment = jax.jit(augment)
 
 
-def evaluate(model: ShapesClassifier, n: int = 2000, *, seed: int = EVAL_SEED,
+def held_out_accuracy(model: ShapesClassifier, n: int = 2000, *, seed: int = EVAL_SEED,
              augmented: bool = False) -> dict[str, float]:
   """Shape and colour accuracy on n fresh world images from `seed` (optionally degraded by `augment`)."""
   rng = np.random.default_rng(seed)
-  images, shape_ids, colour_ids, _ = shapes.sample(rng, n)
+  images, shape_ids, colour_ids, _ = world.sample(rng, n)
   if augmented:
     noise = rng.standard_normal(images.shape, np.float32)
     images = np.asarray(_augment(jax.random.key(seed), jnp.asarray(images, jnp.float32) / 255, noise))

@@ -23,7 +23,7 @@ from flax import nnx
 
 from convert.diffusers_format import save_component, save_pipeline
 from convert.esd_weights import apply_esd_weights, write_trained_safetensors
-from convert.files import write_json
+from esd_jax.files import write_json
 from convert.single_file import save_single_file
 from esd_jax.pipeline import StableDiffusion
 
@@ -38,7 +38,7 @@ def erased_pipeline(pipe: StableDiffusion, trained: Mapping[str, Any], *, source
   return dataclasses.replace(pipe, unet=apply_esd_weights(nnx.clone(pipe.unet), trained, source=source))
 
 
-def export(pipe: StableDiffusion, trained: Mapping[str, Any], folder: str | os.PathLike,
+def write_erased(pipe: StableDiffusion, trained: Mapping[str, Any], folder: str | os.PathLike,
            formats: Sequence[str] = FORMATS, *, dtype: str | None = None,
            metadata: Mapping[str, Any] | None = None) -> dict[str, Path]:
   """Writes the erased model in each of `formats` under `folder`; returns format → path."""
@@ -69,7 +69,7 @@ def _sha256(path: Path) -> str:
   return digest.hexdigest()
 
 
-def export_models(pipe: StableDiffusion, models: Sequence[tuple[str, Mapping[str, Any], Mapping[str, Any]]],
+def write_erased_models(pipe: StableDiffusion, models: Sequence[tuple[str, Mapping[str, Any], Mapping[str, Any]]],
                   folder: str | os.PathLike, formats: Sequence[str] = FORMATS, *, dtype: str | None = None,
                   metadata: Mapping[str, Any] | None = None,
                   failed: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
@@ -83,7 +83,7 @@ def export_models(pipe: StableDiffusion, models: Sequence[tuple[str, Mapping[str
   folder = Path(folder)
   entries = []
   for name, description, trained in models:
-    paths = export(pipe, trained, folder / name, formats, dtype=dtype, metadata={**(metadata or {}), **description})
+    paths = write_erased(pipe, trained, folder / name, formats, dtype=dtype, metadata={**(metadata or {}), **description})
     files = sorted(p for path in paths.values() for p in ([path] if path.is_file() else path.rglob('*'))
                    if p.is_file())
     entries.append({**description, 'name': name, 'status': 'done',

@@ -7,8 +7,8 @@ import pytest
 import torch
 from flax import nnx
 
-from esd_jax import shapes, world_model
-from esd_jax.fit import fit
+from esd_jax.shapes_world import trainer, world
+from esd_jax.shapes_world.fit import fit
 from esd_jax.models import build_abstract
 from esd_jax.models.clip import canonical_keys
 from esd_jax.models.state_dict import load_state_dict
@@ -20,19 +20,19 @@ from tests.reference import numpy_state, torch_twin
 
 @pytest.fixture(scope='module')
 def tokenizer(tmp_path_factory):
-  return world_model.world_tokenizer(tmp_path_factory.mktemp('tok') / 'tokenizer')
+  return trainer.world_tokenizer(tmp_path_factory.mktemp('tok') / 'tokenizer')
 
 
 def test_tokenizer_makes_every_word_one_token_and_every_caption_fits(tokenizer, tmp_path):
   from transformers import CLIPTokenizer
 
-  ids = {w: tokenizer(w).input_ids for w in shapes.WORDS}
+  ids = {w: tokenizer(w).input_ids for w in world.WORDS}
   assert all(len(v) == 3 for v in ids.values()), ids  # <start> word <end>
-  assert len({v[1] for v in ids.values()}) == len(shapes.WORDS)
-  captions = sorted({t.format(colour=c, shape=s) for t, _ in shapes.CAPTIONS for c in shapes.COLOURS
-                     for s in shapes.SHAPES})
+  assert len({v[1] for v in ids.values()}) == len(world.WORDS)
+  captions = sorted({t.format(colour=c, shape=s) for t, _ in world.CAPTIONS for c in world.COLOURS
+                     for s in world.SHAPES})
   tokens = tokenize(tokenizer, captions)
-  assert tokens.shape == (len(captions), world_model.MAX_TOKENS)
+  assert tokens.shape == (len(captions), trainer.MAX_TOKENS)
   eos = tokenizer.eos_token_id
   assert all(row[-1] == eos for row in tokens)  # nothing truncated: the last position is padding or <end>
   # What the pipeline folder holds is what transformers loads.
@@ -63,10 +63,10 @@ def _fit_improves(params, loss_fn, batch, steps=5, learning_rate=3e-3):
 
 
 def test_vae_step_reconstructs_better():
-  vae = _random(world_model.VAE, seed=0)
+  vae = _random(trainer.VAE, seed=0)
   graphdef, params = nnx.split(vae)
-  images = jnp.asarray(shapes.sample(0, 4)[0], jnp.float32) / 127.5 - 1
-  loss = lambda p, key, x: world_model.vae_loss(nnx.merge(graphdef, p), key, x, 1e-4)
+  images = jnp.asarray(world.sample(0, 4)[0], jnp.float32) / 127.5 - 1
+  loss = lambda p, key, x: trainer.vae_loss(nnx.merge(graphdef, p), key, x, 1e-4)
   before, after, _ = _fit_improves(params, loss, (images,))
   assert after < 0.9 * before, (before, after)
   latents = jax.eval_shape(lambda x: vae.encode(x)[0], images)
@@ -75,15 +75,15 @@ def test_vae_step_reconstructs_better():
 
 def test_denoiser_step_trains_unet_and_text_encoder(tokenizer):
   scheduler = make_scheduler(SCHEDULER)
-  unet = _random(world_model.UNET, seed=1)
-  text = _random(world_model.text_encoder_config(len(tokenizer)), seed=2)
+  unet = _random(trainer.UNET, seed=1)
+  text = _random(trainer.text_encoder_config(len(tokenizer)), seed=2)
   (unet_def, unet_params), (text_def, text_params) = nnx.split(unet), nnx.split(text)
   rng = np.random.default_rng(0)
   latents = jnp.asarray(rng.standard_normal((8, 8, 8, 4)), jnp.float32)
   ids = jnp.asarray(tokenize(tokenizer, ['a red circle', 'circle', '', 'blue'] * 2), jnp.int32)
 
   def loss(p, key, latents, ids):
-    return world_model.denoiser_loss(nnx.merge(unet_def, p['unet']), nnx.merge(text_def, p['text']), scheduler,
+    return trainer.denoiser_loss(nnx.merge(unet_def, p['unet']), nnx.merge(text_def, p['text']), scheduler,
                                      key, latents, ids)
 
   params = {'unet': unet_params, 'text': text_params}
@@ -111,4 +111,4 @@ def test_fit_is_deterministic_and_ema_lags():
 
 def test_recipe_is_the_train_world_config():
   from configs.train_world import get_config
-  assert world_model.Recipe(**get_config().world.to_dict()) == world_model.Recipe()
+  assert trainer.Recipe(**get_config().world.to_dict()) == trainer.Recipe()
