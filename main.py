@@ -1,47 +1,78 @@
 """esd-jax command line.
 
-    python main.py [COMMAND] [--config=configs/FILE.py] [--config.FIELD=VALUE ...]
+    python main.py [COMMAND] [--config=configs/FILE.py] [--config.FIELD=VALUE ...] [--verbosity=0|1]
 
-COMMAND is one of the keys of COMMANDS below (default: erase, which on the default config erases "circle" from
-the shipped shapes-world model and measures it). Each command reads its section of an
-ml_collections config (`configs/*.py`, a `get_config()` per file); any field can be overridden on the
-command line, and a field that does not exist is an error.
+COMMAND is one of esd_jax.commands.COMMANDS (default: erase, which on the default config erases "circle" from
+the shipped shapes-world model and measures it). Each command reads its section of an ml_collections config
+(`configs/*.py`, a `get_config()` per file); any field can be overridden on the command line, and a field that
+does not exist is an error.
+
+The console shows esd-jax's own lines, progress bars and results; `--verbosity=0` (absl) adds the libraries'
+INFO logs (orbax, jax), `--verbosity=1` their debug logs too. An error the user can fix (a bad config, a missing
+file, a run that cannot resume) prints as one message; `--verbosity` ≥ 0 or ESD_JAX_TRACEBACK=1 shows its
+traceback.
 """
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
+import sys
 
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from esd_jax import commands
+from esd_jax.errors import RunError
+from esd_jax.log import log
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.py')
 _CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Experiment config file (get_config()).')
+flags.FLAGS.set_default('verbosity', -1)  # absl WARNING: the libraries' INFO logs only on request
 
-COMMANDS = {
-    'erase': commands.erase,
-    'generate': commands.generate,
-    'evaluate': commands.evaluate,
-    'train_world': commands.train_world,
-    'dry_run': commands.dry_run,
-    'export': commands.export,
-    'compare': commands.compare,
-}
+# What a user's input or environment causes (bad config, missing or corrupt files, a run that cannot go on);
+# anything else is a bug and keeps its traceback.
+USER_ERRORS = (RunError, ValueError, KeyError, OSError, ImportError)
+
+
+def _show_esd_jax_logs() -> None:
+  handler = std_logging.StreamHandler(sys.stderr)
+  handler.setFormatter(std_logging.Formatter('%(levelname)s esd-jax: %(message)s'))
+  log.addHandler(handler)
+  log.setLevel(std_logging.INFO)
+  log.propagate = False  # absl's handler on the root logger would print each line again
+
+
+def _message(error: BaseException) -> str:
+  return error.args[0] if isinstance(error, KeyError) and error.args else str(error)
 
 
 def main(argv):
   if len(argv) > 2:
     raise app.UsageError(f'Expected at most one command, got {argv[1:]}.')
   command = argv[1] if len(argv) > 1 else 'erase'
-  if command not in COMMANDS:
-    raise app.UsageError(f'Unknown command {command!r}; choose one of {sorted(COMMANDS)}.')
-  logging.info('esd-jax %s with config:\n%s', command, _CONFIG.value)
-  if 'mesh' in _CONFIG.value and _CONFIG.value.mesh.distributed:
-    import jax
-    jax.distributed.initialize()  # multi-host: every host runs this same command
-  COMMANDS[command](_CONFIG.value)
+  if command not in commands.COMMANDS:
+    raise app.UsageError(f'Unknown command {command!r}; choose one of {sorted(commands.COMMANDS)}.')
+  _show_esd_jax_logs()
+  config = _CONFIG.value
+  logging.info('esd-jax %s with config:\n%s', command, config)
+  tracebacks = logging.get_verbosity() >= logging.INFO or os.environ.get('ESD_JAX_TRACEBACK') == '1'
+  try:
+    if 'mesh' in config and config.mesh.distributed:
+      import jax
+      jax.distributed.initialize()  # multi-host: every host runs this same command
+    commands.run(command, config)
+  except KeyboardInterrupt:
+    if tracebacks:
+      raise
+    sys.exit(f'esd-jax {command}: interrupted. Finished outputs are complete (each is written under a temporary '
+             'name and renamed when done); run the command again to redo the rest.')
+  except USER_ERRORS as e:
+    if tracebacks:
+      raise
+    print(f'esd-jax {command}: {_message(e)}', file=sys.stderr)
+    print('(--verbosity=0 or ESD_JAX_TRACEBACK=1 shows where it was raised.)', file=sys.stderr)
+    sys.exit(getattr(e, 'exit_code', 1))
 
 
 if __name__ == '__main__':

@@ -41,20 +41,18 @@ CONCEPTS = ('circle', 'square', 'triangle', 'cross', 'red', 'green', 'blue', 'ye
 def setup(model: str):
   """(unet, scheduler config, prompts of 16 concepts, latent shape)."""
   if model == 'sd-v1-4-random':
-    from esd_jax.commands import REFERENCE_CONFIGS
+    from esd_jax.loading import unet_config
     from esd_jax.models import build
-    from convert.diffusers_format import read_json
     from esd_jax.tiny import SCHEDULER
-    unet = build(read_json(REFERENCE_CONFIGS / 'sd-v1-4' / 'unet' / 'config.json'), seed=0)
+    unet = build(unet_config('sd-v1-4'), seed=0)
     rng = np.random.default_rng(0)
     cond = lambda n: Conditioning(jnp.asarray(rng.standard_normal((n, 77, 768)), jnp.float32))
     prompts = esd.Prompts(cond(1), cond(16), None, jnp.zeros((16,), bool), jnp.ones((16,), jnp.float32))
     return unet, SCHEDULER, prompts, (64, 64, 4)
-  from convert import load_pipeline
   from esd_jax.concepts import Concept
-  from esd_jax.shapes_world.measure import SHAPES_WORLD
+  from esd_jax.loading import load_pipeline, model_path
   from esd_jax.train import encode_concepts
-  pipe = load_pipeline(SHAPES_WORLD if model == 'shapes-world' else model)
+  pipe = load_pipeline(model_path(model, '.'))
   concepts = [Concept(c) for c in (CONCEPTS * 2)[:16]]
   prompts = encode_concepts(pipe, concepts, 1.0, height=None, width=None)
   s = pipe.unet.config['sample_size']

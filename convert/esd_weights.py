@@ -37,8 +37,9 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from convert import compvis, files
+from convert import compvis
 from convert.compvis import LazyTensor
+from esd_jax import files
 from esd_jax.files import atomic_path, np_dtype, write_safetensors
 from esd_jax.models.state_dict import key_of, load_state_dict, state_dict
 
@@ -75,7 +76,7 @@ def read_esd_weights(path: str | os.PathLike) -> EsdWeights:
     tensors, kind = _read_torch(path)
   else:
     try:
-      tensors, metadata = compvis._read_safetensors(path)
+      tensors, metadata = compvis.read_safetensors(path)
     except ValueError as e:
       raise ValueError(f'{path}: not a checkpoint: neither a PyTorch file (zip archive or legacy pickle) '
                        'nor a readable safetensors file. It is corrupt or truncated (an interrupted '

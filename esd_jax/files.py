@@ -9,6 +9,7 @@ read lazily through `safe_open`, one tensor at a time.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -64,8 +65,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
       shutil.rmtree(old)
     else:
       os.replace(target, path)
+  except OSError as e:
+    if str(path) in str(e):
+      raise
+    hint = ' The disk is full: free space there, or write elsewhere.' if is_disk_full(e) else ''
+    message = f'Writing {path} failed ({e.strerror or e}); nothing was written there.{hint}'
+    raise (OSError(message) if e.errno is None else OSError(e.errno, message)) from e
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """Whether `error` (or an exception it was raised from) says the disk or quota is full; orbax/tensorstore
+  report it as RESOURCE_EXHAUSTED."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if any(text in str(error) for text in ('RESOURCE_EXHAUSTED', 'No space left on device', 'Disk quota exceeded')):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def _fsync(path: Path) -> None:
@@ -199,8 +220,15 @@ def load_torch_checkpoint(path: Path, what: str = 'Reading a pickled PyTorch che
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True, mmap=zipfile.is_zipfile(path))
   except pickle.UnpicklingError as e:
-    raise ValueError(f'{path}: holds pickled objects other than tensors, which are not loaded for safety '
-                     f'(weights_only=True): {e}. Convert it to .safetensors with a trusted tool.') from e
+    # torch's own text suggests weights_only=False, which runs the file's code: not advice to pass on about
+    # a file of unknown origin. Only the name of the global it refused is kept (and not chained: `from None`).
+    import re
+    found = re.search(r'GLOBAL ([\w.]+)', str(e))
+    refused = f' (such as {found[1]})' if found else ''
+    raise ValueError(f'{path}: holds pickled Python objects besides tensors{refused}. esd-jax does not execute '
+                     'pickled code, so it does not load this file. The safe route is a .safetensors version of '
+                     'these weights; or convert this file to .safetensors with a trusted tool, on a machine where '
+                     "you trust the file's origin (loading it there runs its pickled code).") from None
   except Exception as e:
     raise ValueError(f'{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}). The file is '
                      'corrupt or truncated.') from e

@@ -43,7 +43,7 @@ reciprocal: an ulp). Steps compute in float32 and return the sample's dtype.
 A loop whose bounds are traced lowers to lax.while_loop, which is not reverse-differentiable; sampling in
 ESD needs no gradients (a training step samples, then differentiates the UNet at the reached timestep).
 
-Not implemented (configs asking for them raise ConfigError): PNDM's Runge-Kutta warm-up
+Not implemented (configs asking for them raise ModelConfigError): PNDM's Runge-Kutta warm-up
 (skip_prk_steps=False), dynamic thresholding (thresholding=True), other beta schedules.
 """
 
@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from esd_jax.models.config import ConfigError, read_config
+from esd_jax.models.config import ModelConfigError, read_config
 
 _SPACINGS = ('leading', 'trailing', 'linspace')
 _BETA_SCHEDULES = ('linear', 'scaled_linear', 'squaredcos_cap_v2')
@@ -219,7 +219,7 @@ class DDIM(_Scheduler):
 
   def _check(self, config, source):
     if config['thresholding']:
-      raise ConfigError(f'{source}: DDIMScheduler.thresholding = True (dynamic thresholding, for pixel-space '
+      raise ModelConfigError(f'{source}: DDIMScheduler.thresholding = True (dynamic thresholding, for pixel-space '
                         'models) is not implemented in esd-jax; set it to false.')
 
   def timesteps(self, num_inference_steps: int) -> np.ndarray:
@@ -291,7 +291,7 @@ class PNDM(_Scheduler):
 
   def _check(self, config, source):
     if not config['skip_prk_steps']:
-      raise ConfigError(f'{source}: PNDMScheduler.skip_prk_steps = False asks for the Runge-Kutta (PRK) '
+      raise ModelConfigError(f'{source}: PNDMScheduler.skip_prk_steps = False asks for the Runge-Kutta (PRK) '
                         'warm-up steps, which esd-jax does not implement; set skip_prk_steps to true (PLMS '
                         'only, as Stable Diffusion does) or use DDIM (kind="ddim").')
 
@@ -361,7 +361,7 @@ def make_scheduler(config: Mapping[str, Any], kind: str | None = None, *,
     if class_name not in by_class:
       what = 'names no scheduler class (no "_class_name")' if class_name is None else (
           f'describes {class_name}, which esd-jax does not implement (supported: {sorted(by_class)})')
-      raise ConfigError(f'{source} {what}. Pass kind="ddim" or kind="pndm" to sample with its noise '
+      raise ModelConfigError(f'{source} {what}. Pass kind="ddim" or kind="pndm" to sample with its noise '
                         'schedule.')
     cls = by_class[class_name]
   elif kind in _KINDS:
@@ -377,7 +377,7 @@ def _betas(config: Mapping[str, Any], source: str) -> np.ndarray:
   if config['trained_betas'] is not None:
     betas = np.asarray(config['trained_betas'], np.float32)
     if betas.shape != (steps,):
-      raise ConfigError(f'{source}: trained_betas has shape {betas.shape} but num_train_timesteps = {steps}; '
+      raise ModelConfigError(f'{source}: trained_betas has shape {betas.shape} but num_train_timesteps = {steps}; '
                         'they must agree.')
     return betas
   schedule, start, end = config['beta_schedule'], config['beta_start'], config['beta_end']

@@ -102,6 +102,12 @@ def tokenize(tokenizer, prompts: list[str]):
                    return_tensors='np').input_ids
 
 
+def tokens_dropped(tokenizer, prompts: list[str]) -> list[int]:
+  """Per prompt, how many of its tokens `tokenize` cuts off (0 when it fits the tokenizer's length)."""
+  ids = tokenizer(list(prompts), truncation=False, verbose=False).input_ids
+  return [max(0, len(i) - tokenizer.model_max_length) for i in ids]
+
+
 def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
   """Saves a CLIPTokenizer readable by every transformers version.
 

@@ -1,6 +1,9 @@
 """An ESD erasure run: the objective of esd.py, sharded over a device mesh, checkpointed and resumable.
 
-Re-running the same command in the same workdir resumes from the last checkpoint. The iteration-i draws
+`run_erasure` is five steps: plan (concepts, models, schedules: no model loaded yet), set-up (mesh, frozen
+base, trained subset, jitted draw and step), restore, the loop (draws → step → metrics → checkpoint), finish.
+One model learns to forget every concept; with erase.separate_models, N models (one per concept) train
+together in one vmapped step on a leading model axis that shares the frozen base. The iteration-i draws
 come from fold_in(seed, i), so a resumed run repeats exactly what an uninterrupted one would have done.
 """
 
@@ -10,29 +13,30 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
-from absl import logging
 from tqdm import tqdm
 
 from esd_jax import esd, methods, sharding
+from esd_jax.checkpoints import Checkpoints
 from esd_jax.concepts import Concept, ConceptError, by_prompt
 from esd_jax.concepts import of_config as concepts_of
+from esd_jax.errors import RunError
 from esd_jax.generate import encode_prompts, latent_size
+from esd_jax.loading import load_model
+from esd_jax.log import log
+from esd_jax.metrics import MetricsLog
 from esd_jax.models.state_dict import split_flat
 from esd_jax.pipeline import StableDiffusion
-
-
-class RunError(RuntimeError):
-  """A run cannot start or go on; the message says why and what to do."""
+from esd_jax.tokenizer import tokens_dropped
+from esd_jax.workdir import lock_workdir
 
 
 @dataclasses.dataclass
@@ -65,6 +69,10 @@ class Erased:
             for m in range(len(self.groups)) if m not in self.failed]
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Plan: what the run trains, from the config alone.
+
+
 def concept_list(erase: ml_collections.ConfigDict) -> list[Concept]:
   """The run's concepts (concepts.of_config), a bad list raised as a RunError."""
   try:
@@ -93,17 +101,52 @@ def model_schedules(concepts: list[Concept], groups: list[list[int]],
   return rates, counts
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  concepts: list[Concept]
+  groups: list[list[int]]  # the concept lines of each model: all of them for one model
+  learning_rates: list[float]
+  iterations: list[int]
+  separate: bool
+
+  @property
+  def total(self) -> int:
+    return max(self.iterations)
+
+
+def plan_run(config: ml_collections.ConfigDict) -> Plan:
+  concepts = concept_list(config.erase)
+  train, separate = config.train, config.erase.separate_models
+  groups = by_prompt(concepts) if separate else [list(range(len(concepts)))]
+  learning_rates, iterations = model_schedules(concepts, groups, train)
+  if train.concepts_per_step < 1 or (separate and train.concepts_per_step != 1):
+    raise RunError(f'train.concepts_per_step = {train.concepts_per_step}: use a positive number of concepts '
+                   'averaged per step, and 1 with erase.separate_models (each model erases its own concept).')
+  if train.shared_timesteps and not separate:
+    raise RunError('train.shared_timesteps aligns the draws of separate models: set erase.separate_models=True, '
+                   'or leave train.shared_timesteps=False.')
+  return Plan(concepts, groups, learning_rates, iterations, separate)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Set-up: the frozen base on the mesh, the text conditioning, and the jitted draw and step of the run's models.
+
+
 def encode_concepts(pipe: StableDiffusion, concepts: list[Concept], negative_guidance: float, *, height: int,
                     width: int) -> esd.Prompts:
   """Text conditioning of the empty prompt, the concepts and their erase_from prompts, computed once."""
-  kwargs = dict(height=height, width=width)
+  size = dict(height=height, width=width)
   has_from = [bool(c.erase_from) for c in concepts]
+  texts = [c.prompt for c in concepts] + [c.erase_from for c in concepts if c.erase_from]
+  for text, dropped in zip(texts, tokens_dropped(pipe.tokenizer, texts)):
+    if dropped:
+      log.warning('The prompt %r is %d tokens longer than the text encoder reads: the end is cut.', text, dropped)
   student = None
   if any(has_from):
-    student = encode_prompts(pipe, [c.erase_from or c.prompt for c in concepts], **kwargs)
+    student = encode_prompts(pipe, [c.erase_from or c.prompt for c in concepts], **size)
   eta = [negative_guidance if c.negative_guidance is None else c.negative_guidance for c in concepts]
-  return esd.Prompts(uncond=encode_prompts(pipe, [''], **kwargs),
-                     concept=encode_prompts(pipe, [c.prompt for c in concepts], **kwargs),
+  return esd.Prompts(uncond=encode_prompts(pipe, [''], **size),
+                     concept=encode_prompts(pipe, [c.prompt for c in concepts], **size),
                      student=student, has_from=jnp.asarray(has_from), eta=jnp.asarray(eta, jnp.float32))
 
 
@@ -122,215 +165,252 @@ def _fingerprint(frozen: dict[str, jax.Array], keys: list[str]) -> str:
   return digest.hexdigest()[:16]
 
 
-def run_metadata(config: ml_collections.ConfigDict, pipe: StableDiffusion, keys: list[str],
+def run_metadata(config: ml_collections.ConfigDict, plan: Plan, pipe: StableDiffusion, keys: list[str],
                  frozen: dict[str, jax.Array]) -> dict[str, Any]:
-  """What a checkpoint must agree with to be resumed: model, method, concepts, objective, optimizer, seed."""
-  concepts = concept_list(config.erase)
-  e, t = config.erase, config.train
+  """What a checkpoint must agree with to be resumed (checkpoints.RESUMABLE lists what may change)."""
+  erase, train = config.erase, config.train
+  concepts = plan.concepts
   return {
       'model': str(config.model), 'unet_config_sha': hashlib.sha256(
           json.dumps(dict(pipe.unet.config), sort_keys=True).encode()).hexdigest()[:16],
-      'base_weights': _fingerprint(frozen, keys), 'method': e.method, 'patterns': list(e.patterns),
+      'base_weights': _fingerprint(frozen, keys), 'method': erase.method, 'patterns': list(erase.patterns),
       'trained_tensors': len(keys), 'concepts': [c.prompt for c in concepts],
       'erase_from': [c.erase_from for c in concepts],
       'concept_negative_guidance': [c.negative_guidance for c in concepts],
       'concept_learning_rate': [c.learning_rate for c in concepts],  # iterations are not here: a run may be extended
-      'separate_models': e.separate_models, 'concepts_per_step': t.concepts_per_step,
-      'shared_timesteps': t.shared_timesteps,
-      'convention': e.convention, 'negative_guidance': e.negative_guidance, 'guidance': e.guidance,
-      'ddim_steps': e.ddim_steps, 'sampler': e.sampler, 'resolution': e.resolution,
-      'learning_rate': t.learning_rate, 'batch_size': t.batch_size, 'seed': t.seed,
-      'compute_dtype': t.compute_dtype,
+      'separate_models': erase.separate_models, 'concepts_per_step': train.concepts_per_step,
+      'shared_timesteps': train.shared_timesteps,
+      'convention': erase.convention, 'negative_guidance': erase.negative_guidance, 'guidance': erase.guidance,
+      'ddim_steps': erase.ddim_steps, 'sampler': erase.sampler, 'resolution': erase.resolution,
+      'learning_rate': train.learning_rate, 'batch_size': train.batch_size, 'seed': train.seed,
+      'compute_dtype': train.compute_dtype,
   }
 
 
-def _check_resumable(saved: dict[str, Any], current: dict[str, Any], directory: Path) -> None:
-  differ = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
-  if differ:
-    lines = '; '.join(f'{k}: checkpoint {a!r}, now {b!r}' for k, (a, b) in sorted(differ.items()))
-    raise RunError(f'{directory} holds checkpoints of a different run ({lines}). Resuming would mix two '
-                   'erasures: use another --config.workdir, or delete the checkpoints to start over.')
+class Models(NamedTuple):
+  """The run's trainable side: its initial state (and placement), the iteration-i draws, and one step.
 
-
-def _writable(workdir: Path) -> None:
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / '.write-test'
-    probe.write_text('ok')
-    probe.unlink()
-  except OSError as e:
-    raise RunError(f'Work directory {workdir} is not writable ({e}); choose another --config.workdir.') from e
-
-
-def _metrics_log(path: Path, resume_step: int):
-  """Appends JSON lines to `path`, first dropping lines past the step being resumed from."""
-  if path.exists():
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)['step'] <= resume_step]
-    path.write_text(''.join(line + '\n' for line in kept))
-  return open(path, 'a', buffering=1)
-
-
-def erase(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None, *,
-          progress: bool = True) -> Erased:
-  """Runs (or resumes) the erasure `config` describes and returns the trained tensors.
-
-  One model learns to forget every concept (one drawn per iteration, or train.concepts_per_step of them
-  with their losses averaged), or, with erase.separate_models, one model per concept: their trained
-  subsets stacked on a leading axis split over the mesh's `concept` axis, trained in one vmapped step that
-  shares the frozen base (lines of one concept prompt, e.g. with different erase_from, make one model). Model
-  m then draws from seed train.seed + m, exactly as a run of its concept alone with that seed. A model whose
-  loss turns non-finite is stopped and reported; the others go on.
+  step(state, draws, active) → (state, losses, stepped): losses and stepped are host arrays over the models
+  (one entry for a one-model run); a model that did not step keeps its state.
   """
-  from esd_jax.commands import load_model
 
-  run_start = time.perf_counter()
-  workdir = Path(config.workdir)
-  _writable(workdir)
-  concepts = concept_list(config.erase)
-  t, separate = config.train, config.erase.separate_models
-  groups = by_prompt(concepts) if separate else [list(range(len(concepts)))]
-  n_models = len(groups)
-  learning_rates, iterations = model_schedules(concepts, groups, t)
-  total = max(iterations)
-  if t.concepts_per_step < 1 or (separate and t.concepts_per_step != 1):
-    raise RunError(f'train.concepts_per_step = {t.concepts_per_step}: use a positive number of concepts averaged '
-                   'per step, and 1 with erase.separate_models (each model erases its own concept).')
-  if t.shared_timesteps and not separate:
-    raise RunError('train.shared_timesteps aligns the draws of separate models: set erase.separate_models=True, '
-                   'or leave train.shared_timesteps=False.')
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.concept)
+  state: esd.TrainState
+  state_sharding: Any
+  draw: Callable[[int], esd.Draws]
+  step: Callable[[esd.TrainState, esd.Draws, np.ndarray], tuple[esd.TrainState, np.ndarray, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What both model layouts share: the mesh, the frozen base and the trained keys, the objective, the prompts."""
+
+  mesh: jax.sharding.Mesh
+  layout: Any
+  frozen: dict[str, jax.Array]
+  frozen_sharding: dict[str, jax.sharding.NamedSharding]
+  keys: list[str]
+  objective: esd.Objective
+  scheduler: Any
+  prompts: esd.Prompts
+  latent_shape: tuple[int, int, int]
+  batch: int
+
+  @property
+  def base(self) -> dict[str, jax.Array]:
+    return {k: self.frozen[k] for k in self.keys}
+
+  @property
+  def step_kwargs(self) -> dict:
+    return dict(layout=self.layout, objective=self.objective, scheduler=self.scheduler)
+
+  def draw_one(self, key, num_concepts, per_step: int = 1) -> esd.Draws:
+    return esd.draw(key, self.objective, self.scheduler, batch=self.batch, latent_shape=self.latent_shape,
+                    num_concepts=num_concepts, per_step=per_step)
+
+  def initial_state(self, trained, trained_sharding, init) -> tuple[esd.TrainState, Any]:
+    state_sharding = sharding.like_params(jax.eval_shape(init, trained), trained_sharding, self.mesh)
+    return jax.jit(init, out_shardings=state_sharding)(trained), state_sharding
+
+
+def one_model(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) -> Models:
+  """One model erasing every concept: a concept drawn per iteration (or concepts_per_step, losses averaged)."""
+  mesh, per_step = setup.mesh, train.concepts_per_step
+  tx = esd.optimizer(plan.learning_rates[0])
+  trained_sh = {k: setup.frozen_sharding[k] for k in setup.keys}
+  # A copy, not the frozen arrays themselves: the train state is donated to each step.
+  trained = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=trained_sh)(setup.base)
+  state, state_sh = setup.initial_state(trained, trained_sh, functools.partial(esd.init_state, tx=tx))
+  prompts = jax.device_put(setup.prompts, sharding.replicated(mesh))
+  batch_sh = sharding.batch_sharding(mesh, train.batch_size, 4 + (per_step > 1), batch_axis=int(per_step > 1))
+  draws_sh = esd.Draws(batch_sh, *[sharding.replicated(mesh)] * 3)
+  base_key = jax.random.key(train.seed)
+  draw = jax.jit(lambda i: setup.draw_one(jax.random.fold_in(base_key, i), len(plan.concepts), per_step),
+                 out_shardings=draws_sh)
+  step_fn = jax.jit(functools.partial(esd.train_step, tx=tx, **setup.step_kwargs),
+                    in_shardings=(state_sh, setup.frozen_sharding, jax.tree.map(lambda a: a.sharding, prompts),
+                                  draws_sh),
+                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+
+  def step(state, draws, active):
+    state, metrics = step_fn(state, setup.frozen, prompts, draws)
+    losses = np.asarray(metrics['loss']).reshape(1)
+    return state, losses, np.isfinite(losses)
+  return Models(state, state_sh, draw, step)
+
+
+def separate_models(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) -> Models:
+  """N models, model m erasing the concepts plan.groups[m] as a run of them alone with seed train.seed + m
+  would: trained tensors and Adam state stacked on a leading axis split over the mesh's `concept` axis."""
+  mesh, n_models = setup.mesh, len(plan.groups)
+  shared, split = sharding.replicated(mesh), sharding.over_models(mesh)
+  prompts = esd.per_model(setup.prompts, plan.groups)
+  prompts = jax.device_put(prompts, esd.Prompts(jax.tree.map(lambda _: shared, prompts.uncond),
+                                                *[jax.tree.map(lambda _: split, f) for f in prompts[1:]]))
+  trained_sh = {k: sharding.stacked(setup.frozen_sharding[k]) for k in setup.keys}
+  # Every model starts from the base weights; the broadcast materialises one copy per model.
+  trained = jax.jit(lambda p: jax.tree.map(lambda a: jnp.broadcast_to(a, (n_models, *a.shape)), p),
+                    out_shardings=trained_sh)(setup.base)
+  # Adam's state does not depend on the learning rate: each model's own is passed to the step.
+  init = jax.vmap(functools.partial(esd.init_state, tx=esd.optimizer(plan.learning_rates[0])))
+  state, state_sh = setup.initial_state(trained, trained_sh, init)
+  rates = jax.device_put(jnp.asarray(plan.learning_rates, jnp.float32), split)
+  seeds, sizes = jnp.arange(n_models) + train.seed, jnp.asarray([len(g) for g in plan.groups])
+
+  def draw_all(i):
+    one = lambda seed, size: setup.draw_one(jax.random.fold_in(jax.random.key(seed), i), size)
+    draws = jax.vmap(one)(seeds, sizes)
+    return esd.share_timesteps(draws) if train.shared_timesteps else draws
+  draws_sh = esd.Draws(*[split] * 4)
+  draw = jax.jit(draw_all, out_shardings=draws_sh)
+  step_fn = jax.jit(functools.partial(esd.separate_train_step, **setup.step_kwargs),
+                    in_shardings=(state_sh, setup.frozen_sharding, jax.tree.map(lambda a: a.sharding, prompts),
+                                  draws_sh, shared, split),
+                    out_shardings=(state_sh, shared), donate_argnums=(0,))
+
+  def step(state, draws, active):
+    state, metrics = step_fn(state, setup.frozen, prompts, draws, jax.device_put(active, shared), rates)
+    return state, np.asarray(metrics['loss']).reshape(-1), np.asarray(metrics['active'])
+  return Models(state, state_sh, draw, step)
+
+
+def set_up(config: ml_collections.ConfigDict, plan: Plan, pipe: StableDiffusion | None
+           ) -> tuple[StableDiffusion, Setup, dict[str, Any]]:
+  """Loads the model onto the mesh (unless given) and returns it, the shared set-up and the run's metadata."""
+  mesh_config, train = config.mesh, config.train
+  mesh = sharding.make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.concept)
+  n_models = len(plan.groups)
   if n_models % mesh.shape['concept']:
     raise RunError(f'mesh.concept = {mesh.shape["concept"]} does not divide the {n_models} models of this run; '
                    'choose a concept axis size that divides the number of distinct concepts (with '
                    'erase.separate_models).')
-  place = lambda key, shape: jax.sharding.NamedSharding(mesh, sharding.param_spec(shape, mesh, config.mesh.min_shard_size))
+  place = lambda key, shape: jax.sharding.NamedSharding(mesh, sharding.param_spec(shape, mesh,
+                                                                                  mesh_config.min_shard_size))
   pipe = pipe or load_model(config, sharding=place)
-
   layout, frozen = split_flat(pipe.unet)
-  frozen_sh = sharding.param_shardings(frozen, mesh, config.mesh.min_shard_size)
+  frozen_sh = sharding.param_shardings(frozen, mesh, mesh_config.min_shard_size)
   frozen = jax.device_put(frozen, frozen_sh)
   keys = methods.trained_keys(frozen, config.erase.method, config.erase.patterns)
-  metadata = run_metadata(config, pipe, keys, frozen)
-
-  objective = objective_of(config.erase, t.compute_dtype)
-  scheduler = objective.scheduler(pipe.scheduler_config)
+  objective = objective_of(config.erase, train.compute_dtype)
   size = config.erase.resolution or None
   h, w = latent_size(pipe, size, size)
-  latent_shape = (h, w, pipe.unet.config['in_channels'])
-  prompts = encode_concepts(pipe, concepts, objective.negative_guidance, height=size, width=size)
-  tx = esd.optimizer(learning_rates[0])  # separate models: each model's own, passed to the step (Adam's state is alike)
-  init = functools.partial(esd.init_state, tx=tx)
-  step_kwargs = dict(layout=layout, objective=objective, scheduler=scheduler)
-  base = {k: frozen[k] for k in keys}
+  prompts = encode_concepts(pipe, plan.concepts, objective.negative_guidance, height=size, width=size)
+  setup = Setup(mesh, layout, frozen, frozen_sh, keys, objective, objective.scheduler(pipe.scheduler_config),
+                prompts, (h, w, pipe.unet.config['in_channels']), train.batch_size)
+  return pipe, setup, run_metadata(config, plan, pipe, keys, frozen)
 
-  if separate:
-    prompts = esd.per_model(prompts, groups)
-    shared, split = sharding.replicated(mesh), sharding.over_models(mesh)
-    prompts = jax.device_put(prompts, esd.Prompts(jax.tree.map(lambda _: shared, prompts.uncond),
-                                                  *[jax.tree.map(lambda _: split, f) for f in prompts[1:]]))
-    trained_sh = {k: sharding.stacked(frozen_sh[k]) for k in keys}
-    # Every model starts from the base weights; the broadcast materialises one copy per model.
-    trained = jax.jit(lambda p: jax.tree.map(lambda a: jnp.broadcast_to(a, (n_models, *a.shape)), p),
-                      out_shardings=trained_sh)(base)
-    init = jax.vmap(init)
-    draws_sh = esd.Draws(*[sharding.over_models(mesh)] * 4)
-    seeds, sizes = jnp.arange(n_models) + t.seed, jnp.asarray([len(g) for g in groups])
 
-    def draw_fn(i):  # model m draws as a run of its concept alone with seed train.seed + m would
-      one = lambda seed, size: esd.draw(jax.random.fold_in(jax.random.key(seed), i), objective, scheduler,
-                                        batch=t.batch_size, latent_shape=latent_shape, num_concepts=size)
-      draws = jax.vmap(one)(seeds, sizes)
-      return esd.share_timesteps(draws) if t.shared_timesteps else draws
-    step = functools.partial(esd.separate_train_step, **step_kwargs)
-    rates = jax.device_put(jnp.asarray(learning_rates, jnp.float32), sharding.over_models(mesh))
+# --------------------------------------------------------------------------------------------------------------
+# The run.
+
+
+def _record(i: int, plan: Plan, draws: esd.Draws, losses: np.ndarray, seconds: float) -> dict:
+  """The metrics line of iteration i + 1: losses and what was drawn (per model with separate models)."""
+  record = {'step': i + 1, 'seconds': seconds, 'draw_step': np.asarray(draws.step).tolist(),
+            't': np.asarray(draws.t).tolist()}
+  drawn = np.asarray(draws.concept)
+  if plan.separate:
+    record.update(loss=losses.tolist(),
+                  concept=[plan.concepts[group[c]].prompt for group, c in zip(plan.groups, drawn.tolist())])
   else:
-    prompts = jax.device_put(prompts, sharding.replicated(mesh))
-    trained_sh = {k: frozen_sh[k] for k in keys}
-    # A copy, not the frozen arrays themselves: the train state is donated to each step.
-    trained = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=trained_sh)(base)
-    per_step = t.concepts_per_step
-    batch_sh = sharding.batch_sharding(mesh, t.batch_size, 4 + (per_step > 1), batch_axis=int(per_step > 1))
-    draws_sh = esd.Draws(batch_sh, *[sharding.replicated(mesh)] * 3)
-    base_key = jax.random.key(t.seed)
+    record.update(loss=float(losses[0]), concept=[plan.concepts[c].prompt for c in drawn.reshape(-1)])
+  return record
 
-    def draw_fn(i):
-      return esd.draw(jax.random.fold_in(base_key, i), objective, scheduler, batch=t.batch_size,
-                      latent_shape=latent_shape, num_concepts=len(concepts), per_step=per_step)
-    step = lambda state, frozen, prompts, draws, active, rates: esd.train_step(state, frozen, prompts, draws, tx=tx,
-                                                                               **step_kwargs)
-    rates = None
 
-  abstract = jax.eval_shape(init, trained)
-  state_sh = sharding.like_params(abstract, trained_sh, mesh)
-  state = jax.jit(init, out_shardings=state_sh)(trained)
-  active_sh = sharding.replicated(mesh)  # which models train this iteration: n_models booleans, on every device
-  failed: dict[int, str] = {}
+def _stop_failed(i: int, plan: Plan, losses, active, stepped, failed: dict[int, str], checkpoints: Checkpoints):
+  """Records models whose loss turned non-finite at iteration i + 1; stops the run when none is left."""
+  for m in np.flatnonzero(active & ~stepped):
+    failed[int(m)] = f'loss {losses[m]} at iteration {i + 1}; stopped, kept iteration {i}'
+    if plan.separate:
+      log.warning('Model %d (%r): the loss is %s at iteration %d; stopped it, the others go on.',
+                  m, plan.concepts[plan.groups[m][0]].prompt, losses[m], i + 1)
+  if len(failed) == len(plan.groups):
+    last = checkpoints.last_complete()
+    where = (f'the last good checkpoint is step {last} in {checkpoints.directory}' if last else
+             'no checkpoint was written yet')
+    what = f'the loss is {losses[0]}' if not plan.separate else f'every model has stopped ({failed})'
+    raise RunError(f'Iteration {i + 1}: {what}. Stopped before saving it; {where}. Lower train.learning_rate (or '
+                   'use train.compute_dtype=float32) and run the same command again: it resumes from that '
+                   'checkpoint with the new learning rate, Adam\'s moments carried over.')
 
-  ckpt_dir = (workdir / 'checkpoints').resolve()
-  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-      max_to_keep=config.checkpoint.keep, enable_async_checkpointing=True))
-  start = manager.latest_step() or 0
-  if start:
-    saved = manager.restore(start, args=ocp.args.Composite(run=ocp.args.JsonRestore(),
-                                                            failed=ocp.args.JsonRestore()))
-    _check_resumable(saved['run'], metadata, ckpt_dir)
-    failed = {int(k): v for k, v in saved['failed'].items()}
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-    state = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
-    logging.info('Resumed from step %d of %s', start, ckpt_dir)
 
-  step_fn = jax.jit(step, in_shardings=(state_sh, frozen_sh, jax.tree.map(lambda a: a.sharding, prompts),
-                                        draws_sh, active_sh, None if rates is None else rates.sharding),
-                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
-  draw_fn = jax.jit(draw_fn, out_shardings=draws_sh)
+def run_erasure(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None, *,
+                progress: bool = True) -> Erased:
+  """Runs (or resumes) the erasure `config` describes and returns the trained tensors.
 
-  def save(step: int, state) -> None:
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               run=ocp.args.JsonSave(metadata),
-                                               failed=ocp.args.JsonSave({str(k): v for k, v in failed.items()})),
-                 force=True)
+  Model m of a separate-models run draws from seed train.seed + m, exactly as a run of its concept alone with
+  that seed; a model whose loss turns non-finite is stopped and reported, the others go on.
+  """
+  run_start = time.perf_counter()
+  workdir = Path(config.workdir)
+  plan = plan_run(config)
+  with lock_workdir(workdir, 'erase'):
+    pipe, setup, metadata = set_up(config, plan, pipe)
+    build = separate_models if plan.separate else one_model
+    models = build(setup, plan, config.train)
+    checkpoints = Checkpoints(workdir / 'checkpoints', keep=config.checkpoint.keep)
+    metrics = MetricsLog(workdir / 'metrics.jsonl')
+    try:
+      restored = checkpoints.restore(models.state, models.state_sharding, metadata)
+      metadata = restored.metadata
+      metrics.open(resume_step=restored.step)
+      if restored.change:
+        metrics.write({'event': 'learning_rate_changed', **restored.change})
+      state, failed = _loop(plan, models, restored.state, restored.failed, restored.step, checkpoints, metrics,
+                            metadata, every=config.train.checkpoint_every, progress=progress)
+    finally:
+      metrics.close()
+      checkpoints.close()
+  return Erased(trained=dict(state.trained), workdir=workdir, pipe=pipe, concepts=plan.concepts, groups=plan.groups,
+                learning_rates=plan.learning_rates, iterations=plan.iterations, failed=failed,
+                metadata={**metadata, 'iterations': plan.total,
+                          'seconds': round(time.perf_counter() - run_start, 1)})
 
-  log = _metrics_log(workdir / 'metrics.jsonl', start)
-  bar = tqdm(range(start, total), initial=start, total=total, desc='erase', unit='it', disable=not progress)
+
+def _loop(plan: Plan, models: Models, state, failed, start: int, checkpoints: Checkpoints, metrics: MetricsLog,
+          metadata: dict, *, every: int, progress: bool):
+  """Iterations start … plan.total: draws, step, metrics, a checkpoint every `every` and at the end."""
+  bar = tqdm(range(start, plan.total), initial=start, total=plan.total, desc='erase', unit='it',
+             disable=not progress)
+  i = start
   try:
     for i in bar:
-      draws = draw_fn(i)
+      draws = models.draw(i)
       # A model trains until its own iteration count, unless stopped for a non-finite loss.
-      active = np.asarray([m not in failed and i < iterations[m] for m in range(n_models)])
+      active = np.asarray([m not in failed and i < plan.iterations[m] for m in range(len(plan.groups))])
       tick = time.perf_counter()
-      state, metrics = step_fn(state, frozen, prompts, draws, jax.device_put(active, active_sh), rates)
-      losses = np.asarray(metrics['loss']).reshape(-1)  # waits for the step: checked before anything is saved
-      if separate:
-        stepped = np.asarray(metrics['active'])
-        for m in np.flatnonzero(active & ~stepped):
-          failed[int(m)] = f'loss {losses[m]} at iteration {i + 1}; stopped, kept iteration {i}'
-          logging.warning('Model %d (%r): the loss is %s at iteration %d; stopped it, the others go on.',
-                          m, concepts[groups[m][0]].prompt, losses[m], i + 1)
-        if len(failed) == n_models:
-          raise RunError(f'Iteration {i + 1}: every model has stopped ({failed}). Lower train.learning_rate or '
-                         'use train.compute_dtype=float32.')
-      elif not math.isfinite(losses[0]):
-        manager.wait_until_finished()
-        last = manager.latest_step()
-        raise RunError(f'Iteration {i + 1}: the loss is {losses[0]}. Stopped before saving it; the last good '
-                       f'checkpoint is step {last} in {ckpt_dir}' if last else
-                       f'Iteration {i + 1}: the loss is {losses[0]}. Stopped; no checkpoint was written yet.'
-                       ' Lower train.learning_rate or use train.compute_dtype=float32.')
-      record = {'step': i + 1, 'loss': losses.tolist() if separate else float(losses[0]),
-                'seconds': time.perf_counter() - tick}
-      if not separate:
-        record.update(draw_step=np.asarray(draws.step).tolist(), t=np.asarray(draws.t).tolist(),
-                      concept=[concepts[c].prompt for c in np.asarray(draws.concept).reshape(-1)])
-      log.write(json.dumps(record) + '\n')
+      state, losses, stepped = models.step(state, draws, active)  # host values: checked before anything is saved
+      _stop_failed(i, plan, losses, active, stepped, failed, checkpoints)
+      metrics.write(_record(i, plan, draws, losses, time.perf_counter() - tick))
       bar.set_postfix(loss=f'{np.mean(losses[np.isfinite(losses)]):.5f}')  # finite ones: a stopped model's may not be
-      if (i + 1) % t.checkpoint_every == 0 or i + 1 == total:
-        save(i + 1, state)
+      if (i + 1) % every == 0 or i + 1 == plan.total:
+        checkpoints.save(i + 1, state, metadata, failed)
+  except KeyboardInterrupt:
+    checkpoints.wait()
+    last = checkpoints.last_complete()
+    raise RunError(f'Interrupted during iteration {i + 1} of {plan.total}. '
+                   + (f'Checkpoint step {last} in {checkpoints.directory} is kept' if last else
+                      'No checkpoint had been written yet')
+                   + ': run the same command again to resume from it.', exit_code=130) from None
   finally:
     bar.close()
-    log.close()
-    manager.wait_until_finished()
-    manager.close()
-  return Erased(trained=dict(state.trained), workdir=workdir, pipe=pipe, concepts=concepts, groups=groups,
-                learning_rates=learning_rates, iterations=iterations, failed=failed,
-                metadata={**metadata, 'iterations': total,
-                          'seconds': round(time.perf_counter() - run_start, 1)})
+  return state, failed

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs.default import get_config  # noqa: E402
-from esd_jax.train import erase  # noqa: E402
+from esd_jax.train import run_erasure  # noqa: E402
 
 config = get_config()
 config.model, config.workdir = model, workdir
@@ -30,7 +30,7 @@ if concept:
   config.erase.concepts = ('a cat', 'a dog', 'a car', 'a church')
   config.erase.separate_models, config.mesh.concept = True, int(concept[0])
   config.train.batch_size = 1
-result = erase(config, progress=False)
+result = run_erasure(config, progress=False)
 assert jax.device_count() == int(devices)
 split = {}
 for k, v in result.trained.items():

@@ -20,7 +20,9 @@ from esd_jax import commands, esd
 from esd_jax.concepts import Concept, ConceptError, read_concepts
 from esd_jax.models.state_dict import split_flat
 from esd_jax.tiny import SCHEDULER
-from esd_jax.train import RunError, encode_concepts, erase, model_schedules
+from esd_jax.errors import RunError
+from esd_jax.loading import load_model
+from esd_jax.train import encode_concepts, model_schedules, run_erasure
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCEPTS = ('a cat', 'a dog', 'a car')
@@ -84,13 +86,13 @@ def test_each_model_of_a_batch_equals_its_concept_trained_alone(model, tmp_path,
   lines = 'concept,erase_from,learning_rate,iterations\na cat,,,\na dog,a puppy,2e-3,7\na dog,a dog on grass,2e-3,7\na car,,,\n'
   (tmp_path / 'all.csv').write_text(lines)
   (tmp_path / 'dog.csv').write_text(''.join(lines.splitlines(keepends=True)[i] for i in (0, 2, 3)))
-  batch = erase(_config(model, tmp_path / 'batch', erase__concepts_file=str(tmp_path / 'all.csv'),
+  batch = run_erasure(_config(model, tmp_path / 'batch', erase__concepts_file=str(tmp_path / 'all.csv'),
                         erase__separate_models=True, erase__convention=convention), progress=False)
   assert batch.groups == [[0], [1, 2], [3]] and all(v.shape[0] == 3 for v in batch.trained.values())
   assert batch.learning_rates == [1e-3, 2e-3, 1e-3] and batch.iterations == [10, 7, 10]
   # Model m of the batch draws from seed train.seed + m, as a run of its concept alone with that seed does.
   i = 1
-  alone = erase(_config(model, tmp_path / 'alone', erase__concepts_file=str(tmp_path / 'dog.csv'), train__seed=i,
+  alone = run_erasure(_config(model, tmp_path / 'alone', erase__concepts_file=str(tmp_path / 'dog.csv'), train__seed=i,
                         erase__convention=convention), progress=False)
   want = _flat(alone.trained)
   assert np.linalg.norm(_flat(batch.trained, i) - want) / np.linalg.norm(want) <= 1e-5
@@ -98,7 +100,7 @@ def test_each_model_of_a_batch_equals_its_concept_trained_alone(model, tmp_path,
   assert all(np.abs(_flat(batch.trained, m) - base).max() > 0 for m in range(3))  # every model moved
   if convention == 'paper':
     with pytest.raises(RunError, match='set erase.separate_models=True'):
-      erase(_config(model, tmp_path / 'one', train__shared_timesteps=True), progress=False)
+      run_erasure(_config(model, tmp_path / 'one', train__shared_timesteps=True), progress=False)
 
 
 def test_shared_timesteps_align_sampler_lengths_and_keep_each_models_noise():
@@ -113,7 +115,7 @@ def test_shared_timesteps_align_sampler_lengths_and_keep_each_models_noise():
 
 
 def test_several_concepts_per_step_average_their_losses(model):
-  pipe = commands.load_model(_config(model, '/unused'))
+  pipe = load_model(_config(model, '/unused'))
   layout, frozen = split_flat(pipe.unet)
   objective = esd.Objective(ddim_steps=4)
   scheduler = objective.scheduler(pipe.scheduler_config)
@@ -140,7 +142,7 @@ def test_resume_and_a_failing_model(model, tmp_path):
   full = commands.erase(_config(model, tmp_path / 'full', **fields))
   assert list(full.failed) == [1] and 'iteration 1' in full.failed[1]
   # The same run stopped after 5 iterations, then extended to 10 in the same workdir: it resumes at 5.
-  erase(_config(model, tmp_path / 'split', train__iterations=5, **fields), progress=False)
+  run_erasure(_config(model, tmp_path / 'split', train__iterations=5, **fields), progress=False)
   resumed = commands.erase(_config(model, tmp_path / 'split', **fields))
   assert resumed.failed == full.failed
   assert all(np.array_equal(full.trained[k], resumed.trained[k]) for k in full.trained)

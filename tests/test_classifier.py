@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from esd_jax.shapes_world import classifier, world
-from esd_jax.models.config import ConfigError
+from esd_jax.models.config import ModelConfigError
 from esd_jax.models.state_dict import state_dict
 
 SHORT_STEPS = 150  # the shipped classifier trains longer (train_classifier's default)
@@ -56,7 +56,7 @@ def test_bad_folders(tmp_path):
   with pytest.raises(FileNotFoundError, match='config'):
     classifier.load_classifier(tmp_path)
   (tmp_path / 'config.json').write_text(json.dumps({'_class_name': 'ShapesClassifier', 'depth': 3}))
-  with pytest.raises(ConfigError, match='depth'):
+  with pytest.raises(ModelConfigError, match='depth'):
     classifier.load_classifier(tmp_path)
 
 

@@ -17,7 +17,7 @@ from transformers import CLIPTextModelWithProjection as TorchCLIPProj
 
 from esd_jax.models import build_abstract
 from esd_jax.models.clip import CLIPTextModelWithProjection, canonical_keys
-from esd_jax.models.config import ConfigError
+from esd_jax.models.config import ModelConfigError
 from esd_jax.models.state_dict import load_state_dict, param_shapes
 from tests.reference import numpy_state, randomize, rel_err
 
@@ -154,5 +154,5 @@ def test_full_size_structure(path, params):
 ])
 def test_bad_config(change, field):
   config = {'architectures': ['CLIPTextModel'], 'hidden_size': 32, 'num_attention_heads': 4, **change}
-  with pytest.raises(ConfigError, match=field):
+  with pytest.raises(ModelConfigError, match=field):
     build_abstract(config, source='text_encoder/config.json')

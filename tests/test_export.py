@@ -1,14 +1,20 @@
 """Every export format loads in its consumer and computes what our erased UNet computes."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.numpy import load_file
 
-from esd_jax.loading import load_pipeline
-from convert.erased import FORMATS, erased_pipeline, write_erased
+from convert.compvis import UNET_PREFIX, unet_to_compvis
+from convert.diffusers_format import component_config
+from convert.erased import FORMATS, TENSORS_GIVEN_KEY, TENSORS_KEPT_KEY, erased_pipeline, write_erased
+from convert.esd_weights import read_esd_weights, write_full_pt
 from convert.single_file import load_single_file
+from esd_jax.files import SafetensorsReader
+from esd_jax.loading import load_pipeline
 from esd_jax.methods import trained_keys
 from esd_jax.models.state_dict import state_dict
 from tests import torch_pipelines
@@ -66,6 +72,46 @@ def test_trained_subset_loads_non_strict(exported):
                                 strict=False)
   assert not result.unexpected_keys and len(result.missing_keys) == len(unet.state_dict()) - len(trained)
   assert rel_err(_theirs(unet), _ours(erased)) <= 1e-4
+  with SafetensorsReader(paths['trained']) as reader:  # ESD-x: every given tensor was trained, all kept
+    assert reader.metadata[TENSORS_GIVEN_KEY] == reader.metadata[TENSORS_KEPT_KEY] == str(len(trained))
+
+
+def _save_full_unet(tensors, path, layout, pipe):
+  """The whole UNet as the authors' code saves it: the released `torch.save(unet.state_dict())` (diffusers
+  keys), or the paper's CompVis code (`{'state_dict': ...}` under `model.diffusion_model.`)."""
+  if layout == 'released':
+    write_full_pt(path, tensors)
+  else:
+    compvis = unet_to_compvis(tensors, component_config(pipe.unet))
+    torch.save({'state_dict': {UNET_PREFIX + k: torch.from_numpy(np.ascontiguousarray(v))
+                               for k, v in compvis.items()}}, path)
+
+
+@pytest.mark.parametrize('layout', ['released', 'compvis'])
+def test_trained_file_of_a_full_unet_keeps_only_what_differs_from_the_base(exported, layout):
+  tmp, pipe, _, _, _ = exported
+  base = {k: np.array(v) for k, v in state_dict(pipe.unet).items()}
+  changed = sorted(k for k in base if k.endswith('attn2.to_k.weight'))
+  assert changed and len(changed) < len(base)
+  full = {k: v + np.float32(0.05) if k in changed else v for k, v in base.items()}
+  path = tmp / f'diffusers-Thing-ESDx1-UNET-{layout}.pt'
+  _save_full_unet(full, path, layout, pipe)
+  weights = read_esd_weights(path)
+  assert set(weights) == set(base)
+
+  paths = write_erased(pipe, weights, tmp / f'full-{layout}', ('trained',))
+  with SafetensorsReader(paths['trained']) as reader:
+    assert sorted(reader) == changed
+    assert reader.metadata[TENSORS_GIVEN_KEY] == str(len(base))
+    assert reader.metadata[TENSORS_KEPT_KEY] == str(len(changed))
+    for key in changed:
+      np.testing.assert_array_equal(reader[key](), full[key])
+
+  same = tmp / f'base-{layout}.pt'
+  _save_full_unet(base, same, layout, pipe)
+  with pytest.raises(ValueError, match=re.escape(str(same)) + r': all \d+ tensor\(s\) equal the base model'):
+    write_erased(pipe, read_esd_weights(same), tmp / f'same-{layout}', ('diffusers', 'trained'))
+  assert not (tmp / f'same-{layout}').exists()  # refused before anything was written
 
 
 def test_single_file_round_trip_and_diffusers_single_file_loader(exported):

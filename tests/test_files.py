@@ -1,4 +1,6 @@
-"""Atomic writes and streaming safetensors I/O."""
+"""Atomic writes, streaming safetensors I/O, and torch checkpoints loaded without running pickled code."""
+
+import collections
 
 import ml_dtypes
 import numpy as np
@@ -6,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file as torch_load_file
 
-from esd_jax.files import SafetensorsReader, atomic_path, np_dtype, write_safetensors
+from esd_jax.files import SafetensorsReader, atomic_path, load_torch_checkpoint, np_dtype, write_safetensors
 
 
 def _tensors():
@@ -78,3 +80,29 @@ def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
     (tmp / 'b.txt').write_text('two')
   assert [p.name for p in out.iterdir()] == ['b.txt']
   assert sorted(p.name for p in tmp_path.iterdir()) == ['pipe']
+
+
+class _Settings:
+  """A Python object of the kind training scripts pickle next to their weights."""
+
+
+class _StateDict(collections.OrderedDict):
+  """A dict subclass: unpickling it means running this module's code."""
+
+
+@pytest.mark.parametrize('obj, name', [({'conv_in.weight': torch.zeros(2), 'args': _Settings()}, '_Settings'),
+                                       (_StateDict({'conv_in.weight': torch.zeros(2)}), '_StateDict')],
+                         ids=['custom-object', 'dict-subclass'])
+@pytest.mark.parametrize('legacy', [False, True], ids=['zip', 'legacy'])
+def test_pickled_objects_are_refused_with_only_safe_advice(tmp_path, obj, name, legacy):
+  path = tmp_path / 'untrusted.pt'
+  torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+  with pytest.raises(ValueError) as caught:
+    load_torch_checkpoint(path)
+  message = str(caught.value)
+  assert message.startswith(f'{path}: holds pickled Python objects besides tensors '
+                            f'(such as tests.test_files.{name})')
+  assert 'does not execute pickled code' in message and '.safetensors version' in message
+  assert 'weights_only=False' not in message and 'will likely succeed' not in message
+  # torch's advice does not ride along in the traceback either.
+  assert caught.value.__cause__ is None and caught.value.__suppress_context__

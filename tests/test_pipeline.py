@@ -13,7 +13,7 @@ import convert.diffusers_format as fmt
 from esd_jax.generate import text_to_image
 from esd_jax.loading import ModelNotFound, model_path
 from esd_jax.models import clip
-from esd_jax.models.config import ConfigError
+from esd_jax.models.config import ModelConfigError
 from esd_jax.models.state_dict import state_dict
 from tests import torch_pipelines
 from tests.reference import nchw
@@ -119,7 +119,7 @@ def test_wrong_shape(pipe_dir):
 
 def test_unknown_config_field(pipe_dir):
   _edit_config(pipe_dir / 'vae' / 'config.json', shiny_new_option=True)
-  with pytest.raises(ConfigError, match=r"vae/config.json: AutoencoderKL has config field\(s\) \['shiny_new_option'\]"):
+  with pytest.raises(ModelConfigError, match=r"vae/config.json: AutoencoderKL has config field\(s\) \['shiny_new_option'\]"):
     fmt.load_folder(pipe_dir)
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler
 
-from esd_jax.models.config import ConfigError
+from esd_jax.models.config import ModelConfigError
 from esd_jax.schedulers import DDIM, PNDM, make_scheduler
 
 TOL = 1e-6
@@ -222,7 +222,7 @@ def test_hashable_static_value():
     ({'trained_betas': [0.1, 0.2]}, 'ddim', 'trained_betas has shape'),
 ])
 def test_bad_configs(config, kind, match):
-  with pytest.raises(ConfigError, match=match):
+  with pytest.raises(ModelConfigError, match=match):
     make_scheduler(config, kind)
 
 

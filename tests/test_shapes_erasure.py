@@ -10,7 +10,7 @@ import pytest
 
 from configs.default import get_config
 from esd_jax import commands
-from esd_jax.shapes_world.measure import SHAPES_CLASSIFIER, Sampling, generate_diffusers, generate_jax, load_judge, score
+from esd_jax.shapes_world.measure import Sampling, generate_diffusers, generate_jax, load_judge, score
 from esd_jax.shapes_world.world import COLOUR_NAMES
 
 SEEDS = 8  # the README's numbers use 64
@@ -36,7 +36,7 @@ def test_default_erasure_meets_the_criteria_in_jax_and_in_diffusers(tmp_path):
   from convert.erased import erased_pipeline
   ours = generate_jax(erased_pipeline(result.pipe, result.trained), prompts, seeds, sampling)
   assert np.abs(ours - theirs).max() <= 2 / 255
-  judge = load_judge(SHAPES_CLASSIFIER)
+  judge = load_judge()
   assert score(judge, prompts, theirs) == score(judge, prompts, ours)
 
 
@@ -45,14 +45,14 @@ def test_colour_erasure_with_esd_x_meets_the_criteria(tmp_path):
   from configs.shapes_colour import get_config as colour_config
   from convert.erased import erased_pipeline
   from esd_jax.shapes_world.world import PROMPTS, parse
-  from esd_jax.train import erase
+  from esd_jax.train import run_erasure
 
   config = colour_config('red')
   config.workdir = str(tmp_path)
-  result = erase(config, progress=False)
+  result = run_erasure(config, progress=False)
   # Only the erased model is measured: the original shows the prompted shape and colour in 100 % of images (README,
   # 64 seeds; the test above measures it again), so "another colour drops ≤ 10 points" is checked as "≥ 90 %".
-  report = score(load_judge(SHAPES_CLASSIFIER), PROMPTS,
+  report = score(load_judge(), PROMPTS,
                  generate_jax(erased_pipeline(result.pipe, result.trained), PROMPTS, range(SEEDS), Sampling()))
   naming = lambda colour: [report[p] for p in PROMPTS if parse(p)[1] == COLOUR_NAMES.index(colour)]
   assert np.mean([r['colour'] for r in naming('red')]) <= 0.10, report  # 'colour': showing the prompted one

@@ -12,7 +12,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from configs.default import get_config
-from esd_jax.train import RunError, erase
+from esd_jax.errors import RunError
+from esd_jax.train import run_erasure
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +79,7 @@ def test_sigkill_then_resume_equals_uninterrupted(model, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(model, tmp_path):
   config = _config(model, tmp_path, learning_rate=1e30, checkpoint_every=1, iterations=5)
   with pytest.raises(RunError, match=r'Iteration 2: the loss is (nan|inf)\. .*last good checkpoint is step 1'):
-    erase(config, progress=False)
+    run_erasure(config, progress=False)
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1']
 
 
@@ -86,15 +87,15 @@ def test_bad_input(model, tmp_path):
   config = _config(model, tmp_path)
   config.erase.concepts = ('  ',)
   with pytest.raises(RunError, match='every concept must be a non-empty prompt'):
-    erase(config, progress=False)
+    run_erasure(config, progress=False)
   (tmp_path / 'file').write_text('')
   config = _config(model, tmp_path / 'file' / 'run')
   with pytest.raises(RunError, match='is not writable'):
-    erase(config, progress=False)
+    run_erasure(config, progress=False)
   config = _config(model, tmp_path / 'run')
   config.erase.method = 'esd-q'
   with pytest.raises(ValueError, match="Unknown train method 'esd-q'. Valid methods"):
-    erase(config, progress=False)
+    run_erasure(config, progress=False)
   config.erase.method, config.erase.patterns = 'patterns', ('nothing_matches',)
   with pytest.raises(ValueError, match='selects no UNet parameter'):
-    erase(config, progress=False)
+    run_erasure(config, progress=False)

@@ -13,7 +13,7 @@ import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
 
-from esd_jax.models.config import ConfigError
+from esd_jax.models.config import ModelConfigError
 from esd_jax.models.state_dict import param_shapes
 from esd_jax.models.unet import UNet2DConditionModel
 from tests.reference import assert_same_names, load_from_torch, nchw, nhwc, randomize, rel_err
@@ -131,13 +131,13 @@ _SMALL = {**_TINY, 'block_out_channels': [32], 'down_block_types': ['CrossAttnDo
     ('transformer_layers_per_block', [[1, 2]]), ('addition_embed_type', 'text'),
     ('attention_head_dim', [4, 8]), ('esd_unknown_field', 1)])
 def test_bad_config_names_the_field(field, value):
-  with pytest.raises(ConfigError, match=field):
+  with pytest.raises(ModelConfigError, match=field):
     UNet2DConditionModel({**_SMALL, field: value}, rngs=nnx.Rngs(0), source='unet/config.json')
 
 
 def test_text_time_needs_its_inputs():
   config = {**_SMALL, 'addition_embed_type': 'text_time', 'addition_time_embed_dim': 4}
-  with pytest.raises(ConfigError, match='projection_class_embeddings_input_dim'):
+  with pytest.raises(ModelConfigError, match='projection_class_embeddings_input_dim'):
     UNet2DConditionModel(config, rngs=nnx.Rngs(0))
   model = nnx.eval_shape(lambda: UNet2DConditionModel(
       {**config, 'projection_class_embeddings_input_dim': 32}, rngs=nnx.Rngs(0)))

@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL as TorchVAE
 from flax import nnx
 
 from esd_jax.models import build_abstract
-from esd_jax.models.config import ConfigError
+from esd_jax.models.config import ModelConfigError
 from esd_jax.models.state_dict import param_shapes
 from esd_jax.models.vae import AutoencoderKL
 from tests.reference import assert_same_names, load_from_torch, nchw, nhwc, randomize, rel_err
@@ -112,5 +112,5 @@ def test_full_size_structure(model):
 ])
 def test_bad_config(change, field):
   config = {**SMALL['two-blocks'][0], '_class_name': 'AutoencoderKL', **change}
-  with pytest.raises(ConfigError, match=field):
+  with pytest.raises(ModelConfigError, match=field):
     AutoencoderKL(config, rngs=nnx.Rngs(0), source='vae/config.json')

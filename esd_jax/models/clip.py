@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from esd_jax.models.config import ConfigError, read_config
+from esd_jax.models.config import ModelConfigError, read_config
 from esd_jax.models.layers import Embedding, LayerNorm, Linear, ParamKeys, activation
 
 _DEFAULTS = {
@@ -168,7 +168,7 @@ class CLIPTextTransformer(nnx.Module):
 def _read(name: str, config: Mapping[str, Any], source: str, **supported) -> dict[str, Any]:
   c = read_config(name, config, _DEFAULTS, {**_SUPPORTED, **supported}, source=source)
   if c['hidden_size'] % c['num_attention_heads']:
-    raise ConfigError(f'{source}: {name}.hidden_size = {c["hidden_size"]} is not a multiple of '
+    raise ModelConfigError(f'{source}: {name}.hidden_size = {c["hidden_size"]} is not a multiple of '
                       f'num_attention_heads = {c["num_attention_heads"]}.')
   return c
 

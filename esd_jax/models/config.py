@@ -24,7 +24,7 @@ _METADATA = frozenset({
 })
 
 
-class ConfigError(ValueError):
+class ModelConfigError(ValueError):
   pass
 
 
@@ -55,7 +55,7 @@ def read_config(name: str, config: Mapping[str, Any], defaults: Mapping[str, Any
   """
   unknown = sorted(k for k in config if k not in defaults and k not in _METADATA)
   if unknown:
-    raise ConfigError(f'{source}: {name} has config field(s) {unknown} that esd-jax does not know. '
+    raise ModelConfigError(f'{source}: {name} has config field(s) {unknown} that esd-jax does not know. '
                       f'Known fields: {sorted(defaults)}. Remove them if they are unused, or file an issue '
                       'to support them.')
   out = {k: config.get(k, v) for k, v in defaults.items()}
@@ -64,7 +64,7 @@ def read_config(name: str, config: Mapping[str, Any], defaults: Mapping[str, Any
     ok = allowed(value) if callable(allowed) else _freeze(value) in {_freeze(a) for a in allowed}
     if not ok:
       hint = '' if callable(allowed) else f' Supported: {list(allowed)}.'
-      raise ConfigError(f'{source}: {name}.{field} = {value!r} is not supported by esd-jax.{hint}')
+      raise ModelConfigError(f'{source}: {name}.{field} = {value!r} is not supported by esd-jax.{hint}')
   return FrozenConfig(out)
 
 

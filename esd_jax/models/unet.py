@@ -5,7 +5,7 @@ Built from the UNet's diffusers `config.json`; parameter paths are diffusers' st
 CrossAttnDownBlock2D/DownBlock2D, CrossAttnUpBlock2D/UpBlock2D and the UNetMidBlock2DCrossAttn mid
 block; conv or linear transformer projections; per-block head counts, resnet and transformer depths;
 odd latent sizes; the SDXL "text_time" added embedding. Everything else a config can ask for is a
-ConfigError naming the field.
+ModelConfigError naming the field.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from esd_jax.models.config import ConfigError, read_config
+from esd_jax.models.config import ModelConfigError, read_config
 from esd_jax.models.embeddings import TimestepEmbedding, timestep_embedding
 from esd_jax.models.layers import Conv2d, GroupNorm, ParamKeys, activation
 from esd_jax.models.unet_blocks import DownBlock, MidBlock, UpBlock
@@ -106,7 +106,7 @@ def _per_block(cfg: Mapping[str, Any], source: str) -> dict[str, list]:
     value = cfg[field]
     out[field] = [value] * n if _is_int(value) else list(value)
     if len(out[field]) != n:
-      raise ConfigError(f'{source}: UNet2DConditionModel.{field} = {value!r} needs one entry per down block '
+      raise ModelConfigError(f'{source}: UNet2DConditionModel.{field} = {value!r} needs one entry per down block '
                         f'({n}: {cfg["down_block_types"]}).')
   return out
 
@@ -116,7 +116,7 @@ def _check_text_time(cfg: Mapping[str, Any], source: str):
     return
   for field in ('addition_time_embed_dim', 'projection_class_embeddings_input_dim'):
     if cfg[field] is None:
-      raise ConfigError(f'{source}: UNet2DConditionModel.{field} must be set when addition_embed_type is '
+      raise ModelConfigError(f'{source}: UNet2DConditionModel.{field} must be set when addition_embed_type is '
                         '"text_time".')
 
 

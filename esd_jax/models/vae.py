@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from esd_jax.models.config import ConfigError, read_config
+from esd_jax.models.config import ModelConfigError, read_config
 from esd_jax.models.layers import (Attention, Conv2d, Downsample2D, GroupNorm, ParamKeys, ResnetBlock2D,
                                    Upsample2D)
 
@@ -180,7 +180,7 @@ class AutoencoderKL(nnx.Module):
     c = self.config
     lengths = {k: len(c[k]) for k in ('block_out_channels', 'down_block_types', 'up_block_types')}
     if len(set(lengths.values())) != 1:
-      raise ConfigError(f'{source}: AutoencoderKL needs one entry per block in block_out_channels, '
+      raise ModelConfigError(f'{source}: AutoencoderKL needs one entry per block in block_out_channels, '
                         f'down_block_types and up_block_types; got lengths {lengths}.')
     latent = c['latent_channels']
     self.encoder = Encoder(c, rngs=rngs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,14 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from esd_jax import classifier as judge
+from esd_jax import images, shapes_world
+from esd_jax.files import write_json
+from esd_jax.shapes_world import classifier as judge
 from esd_jax.shapes_world import world
 from esd_jax.generate import latent_size, text_to_image
 from esd_jax.pipeline import StableDiffusion
 
-ASSETS = Path(__file__).parent / 'assets'
-SHAPES_WORLD = ASSETS / 'shapes_world'  # the shipped text-to-image pipeline (diffusers folder)
-SHAPES_CLASSIFIER = ASSETS / 'shapes_classifier'  # its judge (classifier.save_classifier folder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,9 +96,11 @@ def score(model: judge.ShapesClassifier, prompts: Sequence[str], images: np.ndar
   return report
 
 
-def load_judge(folder: str | os.PathLike = SHAPES_CLASSIFIER) -> judge.ShapesClassifier:
-  if not (Path(folder) / 'config.json').is_file():
-    raise FileNotFoundError(f'{folder}: no shapes classifier here. The shipped one is {SHAPES_CLASSIFIER}; '
+def load_judge(name: str | os.PathLike = 'shapes-world') -> judge.ShapesClassifier:
+  """The classifier `evaluate.classifier` names: 'shapes-world' (the shipped one) or a classifier folder."""
+  folder = shapes_world.CLASSIFIER if str(name) == 'shapes-world' else Path(name)
+  if not (folder / 'config.json').is_file():
+    raise FileNotFoundError(f'{folder}: no shapes classifier here. The shipped one is {shapes_world.CLASSIFIER}; '
                             'train one with `python main.py train_world`.')
   return judge.load_classifier(folder)
 
@@ -132,3 +134,46 @@ def erasure_summary(base: dict[str, dict], erased: dict[str, dict], concept: str
   if key == 'colour':
     summary['kept_shape'] = mean_rate(erased, 'shape', naming(erased_id))
   return summary
+
+
+def comparison_grid(path: Path, prompts: Sequence[str], columns: dict[str, np.ndarray], n: int) -> Path:
+  """Rows: prompts; columns: the first n seeds of each model, model after model."""
+  rows = [[image for batch in columns.values() for image in batch[i, :n]] for i in range(len(prompts))]
+  labels = [f'{name} {j}' for name, batch in columns.items() for j in range(batch[:, :n].shape[1])]
+  return images.save_grid(path, rows, row_labels=list(prompts), col_labels=labels,
+                          scale=max(1, 128 // rows[0][0].shape[0]))
+
+
+def measure_erasure(workdir: Path, judge_model: judge.ShapesClassifier, prompts: Sequence[str],
+                    seeds: Sequence[int], sampling: Sampling, original: StableDiffusion,
+                    erased: dict[str, tuple[StableDiffusion, list[str]]], *, grid_seeds: int,
+                    run: dict) -> dict:
+  """Generates prompts × seeds with the original and each erased model ({name: (pipeline, concepts it
+  erased)}), has the classifier name what each image shows, and writes workdir/report.json (`run` describes
+  the erasure) and workdir/erasure.png (rows: prompts; columns: the first grid_seeds seeds of each model)."""
+  start = time.perf_counter()
+  models = {'original': original, **{name: model for name, (model, _) in erased.items()}}
+  generated = {name: generate_jax(model, prompts, seeds, sampling, desc=name) for name, model in models.items()}
+  reports = {name: score(judge_model, prompts, batch) for name, batch in generated.items()}
+  in_world = lambda c: (world.parse(c)[0] is None) != (world.parse(c)[1] is None)  # one shape or one colour
+  summaries = {name: [erasure_summary(reports['original'], reports[name], c) for c in concepts if in_world(c)]
+               for name, (_, concepts) in erased.items()}
+  report = {
+      **run, 'images_per_prompt': len(seeds),
+      'sampling': {'scheduler': 'ddim', 'steps': sampling.steps, 'guidance_scale': sampling.guidance_scale},
+      'seconds': {'erase': run.get('seconds'), 'measure': round(time.perf_counter() - start, 1)},
+      'models': {name: {'concepts': concepts, 'summary': summaries[name],
+                        'per_prompt': {p: reports[name][p] for p in prompts}}
+                 for name, (_, concepts) in erased.items()},
+      'original': {'per_prompt': reports['original']},
+  }
+  write_json(workdir / 'report.json', report)
+  grid = comparison_grid(workdir / 'erasure.png', prompts, generated, grid_seeds)
+  for name, model_summaries in summaries.items():
+    for s in model_summaries:
+      others = ', '.join(f'{k} {v["before"]:.0%}→{v["after"]:.0%}' for k, v in s['others'].items())
+      kept = f'; their shape kept in {s["kept_shape"]:.0%}' if 'kept_shape' in s else ''
+      print(f'[{name}] {s["concept"]}: shown in {s["base_rate"]:.0%} → {s["erased_rate"]:.0%} of the images of '
+            f'prompts naming it{kept}; other {s["kind"]}s: {others}')
+  print(f'Report: {workdir / "report.json"}; grid: {grid}')
+  return report

@@ -1,9 +1,4 @@
-"""CompVis (ldm) single-file checkpoints ⇄ diffusers/transformers state dicts, as pure key transforms.
-
-A1111 and ComfyUI load Stable Diffusion as one file in the CompVis layout: the UNet under
-`model.diffusion_model.`, the VAE under `first_stage_model.`, the text encoder under `cond_stage_model.`
-(SD1: OpenAI CLIP-L at `transformer.text_model.*`; SD2: OpenCLIP ViT-H at `model.*`, with q/k/v fused
-into `attn.in_proj_weight`). Our models use the diffusers/transformers names.
+"""The key correspondence between CompVis (ldm) and diffusers/transformers state dicts, both directions.
 
 One description, both directions. Each component is described by a list of `_Link`s built from its
 config (or, for a file without our configs, from the CompVis keys themselves): a link pairs a module
@@ -21,59 +16,23 @@ Key conventions of the per-component functions (the whole-file functions add/str
                 CLIPTextModel it built itself) are accepted as input.
 Values may be arrays or zero-argument callables returning one (lazy tensors); renames pass them through
 untouched and transforms stay lazy, so a whole file is never held twice in memory.
-
-What the file has and our models lack travels as `extras` (full CompVis keys → tensors), which
-`write_single_file` re-emits, so reading and writing a file loses nothing:
-  * SD2: diffusers' text encoder has 23 layers where the file's OpenCLIP has 24 (SD2 conditions on the
-    penultimate layer, and diffusers drops the last one); the last resblock, `text_projection` and
-    `logit_scale` are extras. Without a stored config, the text encoder read from an OpenCLIP file has
-    one layer fewer than a complete tower (one with `text_projection`), as diffusers does; a file
-    converted from diffusers (23 layers, no projection) keeps all its layers. A text encoder written
-    without those extras yields such a file.
-  * SD1: `transformer.text_model.embeddings.position_ids` (a buffer, not a parameter).
-  * Everything outside the three component prefixes (`alphas_cumprod`, `betas`, `model_ema.*`, ...).
-    Note that `model_ema.*` are the EMA weights of the UNet as it was read: drop them from the extras
-    when writing a modified UNet if a consumer might prefer them.
-
-Files we write also store the diffusers configs (unet, vae, text_encoder, scheduler) as JSON in the
-safetensors `__metadata__` under CONFIG_METADATA_KEY ('esd_jax.configs'), so they read back exactly;
-for other files `infer_configs` derives SD1/SD2 configs from the tensor shapes.
-
-Supported layouts: UNets of CrossAttnDownBlock2D/DownBlock2D and CrossAttnUpBlock2D/UpBlock2D blocks
-with a UNetMidBlock2DCrossAttn (SD1 conv proj_in/out, SD2 linear), any number of blocks, layers per
-block (int or per-block list) and transformer layers; SDXL's `label_emb.0.{0,2}` ⇄
-`add_embedding.linear_{1,2}` (and `class_embedding` for class_embed_type projection/timestep or
-num_class_embeds). AutoencoderKL VAEs of any depth. Whole SDXL single files (`conditioner.*`) are
-rejected: their two text encoders are not mapped here.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import struct
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from esd_jax import files
-
 UNET_PREFIX = 'model.diffusion_model.'
 VAE_PREFIX = 'first_stage_model.'
 TEXT_PREFIX = 'cond_stage_model.'
-# safetensors `__metadata__` entry holding our diffusers configs as JSON:
-# {"unet": {...}, "vae": {...}, "text_encoder": {...}, "scheduler": {...}}.
-CONFIG_METADATA_KEY = 'esd_jax.configs'
 
 _DIFFUSERS, _COMPVIS = 0, 1
-_TORCH_SUFFIXES = ('.ckpt', '.pt', '.pth', '.bin')
-_V_PREDICTION_HINT = ("SD2's 768-px models (stable-diffusion-2, 2-1) are 'v_prediction'; the 512-px base "
-                      "models (2-base, 2-1-base) and SD1 are 'epsilon'")
 
 
 class LazyTensor:
@@ -548,240 +507,8 @@ def text_encoder_from_compvis(sd: Mapping[str, Any], text_config: Mapping[str, A
                               source: str = 'text encoder') -> tuple[dict, dict]:
   """CompVis text-encoder keys (without `cond_stage_model.`) → (transformers keys, extras).
 
-  extras are the CompVis tensors our model does not hold (see the module docstring), keyed in the current
-  CompVis layout (older SD1 keys without `text_model.` are read as the current ones).
+  extras are the CompVis tensors our model does not hold (see the `convert.compvis` docstring), keyed in the
+  current CompVis layout (older SD1 keys without `text_model.` are read as the current ones).
   """
   return _from_compvis('text_encoder', sd, text_config, source)
 
-
-# ----------------------------------------------------------------------------------------------------
-# Configs.
-
-
-def stored_configs(metadata: Mapping[str, str], *, source: str = 'checkpoint') -> dict | None:
-  """The diffusers configs `write_single_file` stored in a file's metadata, or None if it has none."""
-  text = (metadata or {}).get(CONFIG_METADATA_KEY)
-  if text is None:
-    return None
-  try:
-    configs = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{source}: metadata entry {CONFIG_METADATA_KEY!r} is not valid JSON ({e}).') from e
-  if not isinstance(configs, dict):
-    raise ValueError(f'{source}: metadata entry {CONFIG_METADATA_KEY!r} is not a JSON object.')
-  return configs
-
-
-def _shape(value) -> tuple[int, ...]:
-  shape = getattr(value, 'shape', None)
-  return tuple(shape) if shape is not None else np.shape(value())
-
-
-def infer_configs(components: Mapping[str, Mapping[str, Any]], *, prediction_type: str | None = None) -> dict:
-  """SD1/SD2 diffusers configs (unet, vae, text_encoder, scheduler) from the shapes of diffusers-keyed
-  components, for files that do not carry ours.
-
-  A UNet with linear proj_in/out is SD2: head dim 64 (attention_head_dim = block width / 64), an OpenCLIP
-  (GELU) text encoder; otherwise SD1: 8 heads, OpenAI CLIP (QuickGELU). The text encoder gets head dim
-  64. What shapes cannot tell takes the SD default (32 norm groups, eps, scaling factor 0.18215, token ids).
-  `prediction_type` ('epsilon' or 'v_prediction') is the caller's to give for SD2: the 768-px models are
-  v-prediction, the 512-px base models epsilon; SD1 defaults to 'epsilon'. It also sets the sample size
-  (768 px for v-prediction, else 512).
-  """
-  if 'unet' not in components:
-    raise ValueError('infer_configs needs the UNet to tell SD1 from SD2.')
-  unet = _infer_unet(components['unet'])
-  sd2 = unet['use_linear_projection']
-  if prediction_type is None:
-    if sd2:
-      raise ValueError('This is an SD2 checkpoint: pass prediction_type, since the weights do not say it. '
-                       + _V_PREDICTION_HINT + '.')
-    prediction_type = 'epsilon'
-  if prediction_type not in ('epsilon', 'v_prediction'):
-    raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}.")
-  image = 768 if prediction_type == 'v_prediction' else 512
-  configs = {'unet': unet, 'scheduler': {
-      '_class_name': 'DDIMScheduler', 'beta_start': 0.00085, 'beta_end': 0.012,
-      'beta_schedule': 'scaled_linear', 'num_train_timesteps': 1000, 'clip_sample': False,
-      'set_alpha_to_one': False, 'steps_offset': 1,
-      'prediction_type': prediction_type, 'timestep_spacing': 'leading'}}
-  scale = 8
-  if 'vae' in components:
-    configs['vae'] = _infer_vae(components['vae'], image)
-    scale = 2 ** (len(configs['vae']['block_out_channels']) - 1)
-  unet['sample_size'] = image // scale
-  if 'text_encoder' in components:
-    configs['text_encoder'] = _infer_text(components['text_encoder'], open_clip=sd2)
-  return configs
-
-
-def _infer_unet(sd: Mapping[str, Any]) -> dict:
-  if any(k.startswith(('add_embedding.', 'class_embedding.')) for k in sd):
-    raise ValueError('infer_configs handles SD1/SD2 UNets; this one has class/added-condition embeddings '
-                     '(SDXL or a variant): give its config explicitly.')
-  keys = set(sd)
-  n = len(_indices(keys, 'down_blocks'))
-  widths = [_shape(sd[f'down_blocks.{i}.resnets.0.conv1.weight'])[0] for i in range(n)]
-  layers = [len(_indices(keys, f'down_blocks.{i}.resnets')) for i in range(n)]
-  down_attn = [bool(_indices(keys, f'down_blocks.{i}.attentions')) for i in range(n)]
-  up_attn = [bool(_indices(keys, f'up_blocks.{i}.attentions')) for i in range(n)]
-  depth = [len(_indices(keys, f'down_blocks.{i}.attentions.0.transformer_blocks')) or 1 for i in range(n)]
-  attention = next((k for k in sorted(keys) if k.endswith('.attentions.0.proj_in.weight')), None)
-  cross = next((k for k in sorted(keys) if k.endswith('.attn2.to_k.weight')), None)
-  if attention is None or cross is None:
-    raise ValueError('infer_configs: the UNet has no cross-attention blocks; this is not an SD1/SD2 UNet.')
-  linear = len(_shape(sd[attention])) == 2
-  if linear and any(w % 64 for w in widths):
-    raise ValueError(f'infer_configs: block widths {widths} are not multiples of the head dim 64 of SD2 '
-                     'UNets; give the UNet config explicitly.')
-  config = {
-      '_class_name': 'UNet2DConditionModel', 'act_fn': 'silu',
-      'attention_head_dim': [w // 64 for w in widths] if linear else 8,
-      'block_out_channels': widths, 'center_input_sample': False, 'cross_attention_dim': _shape(sd[cross])[1],
-      'down_block_types': ['CrossAttnDownBlock2D' if a else 'DownBlock2D' for a in down_attn],
-      'downsample_padding': 1, 'flip_sin_to_cos': True, 'freq_shift': 0,
-      'in_channels': _shape(sd['conv_in.weight'])[1],
-      'layers_per_block': layers[0] if len(set(layers)) == 1 else layers,
-      'mid_block_scale_factor': 1, 'norm_eps': 1e-5, 'norm_num_groups': 32,
-      'out_channels': _shape(sd['conv_out.weight'])[0], 'sample_size': None,
-      'up_block_types': ['CrossAttnUpBlock2D' if a else 'UpBlock2D' for a in up_attn],
-      'use_linear_projection': linear,
-  }
-  if set(depth) != {1}:
-    config['transformer_layers_per_block'] = depth
-  return config
-
-
-def _infer_vae(sd: Mapping[str, Any], image: int) -> dict:
-  keys = set(sd)
-  n = len(_indices(keys, 'encoder.down_blocks'))
-  widths = [_shape(sd[f'encoder.down_blocks.{i}.resnets.0.conv1.weight'])[0] for i in range(n)]
-  return {
-      '_class_name': 'AutoencoderKL', 'act_fn': 'silu', 'block_out_channels': widths,
-      'down_block_types': ['DownEncoderBlock2D'] * n, 'in_channels': _shape(sd['encoder.conv_in.weight'])[1],
-      'latent_channels': _shape(sd['decoder.conv_in.weight'])[1],
-      'layers_per_block': len(_indices(keys, 'encoder.down_blocks.0.resnets')), 'norm_num_groups': 32,
-      'out_channels': _shape(sd['decoder.conv_out.weight'])[0], 'sample_size': image,
-      'scaling_factor': 0.18215, 'up_block_types': ['UpDecoderBlock2D'] * n,
-  }
-
-
-def _infer_text(sd: Mapping[str, Any], *, open_clip: bool) -> dict:
-  sd = {k.removeprefix('text_model.'): v for k, v in _text_diffusers_keys(sd).items()}
-  vocab, hidden = _shape(sd['embeddings.token_embedding.weight'])
-  if hidden % 64:
-    raise ValueError(f'infer_configs: text encoder width {hidden} is not a multiple of the head dim 64 of '
-                     'the CLIP text encoders of SD1/SD2; give its config explicitly.')
-  return {
-      'architectures': ['CLIPTextModelWithProjection' if 'text_projection.weight' in sd else 'CLIPTextModel'],
-      'model_type': 'clip_text_model', 'hidden_act': 'gelu' if open_clip else 'quick_gelu',
-      'hidden_size': hidden, 'intermediate_size': _shape(sd['encoder.layers.0.mlp.fc1.weight'])[0],
-      'num_attention_heads': hidden // 64, 'num_hidden_layers': len(_indices(set(sd), 'encoder.layers')),
-      'max_position_embeddings': _shape(sd['embeddings.position_embedding.weight'])[0], 'vocab_size': vocab,
-      'layer_norm_eps': 1e-5, 'bos_token_id': 0, 'eos_token_id': 2, 'pad_token_id': 1,
-  }
-
-
-# ----------------------------------------------------------------------------------------------------
-# Whole files.
-
-
-_SAFETENSORS_DTYPES = {code: dtype for dtype, code in files.SAFETENSORS_DTYPES.items()}
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
-  reader = files.SafetensorsReader(path)  # checks the header: garbage, truncated → errors naming the file
-  with open(path, 'rb') as f:  # shapes and dtypes, without touching the data
-    (n,) = struct.unpack('<Q', f.read(8))
-    header = json.loads(f.read(n))
-  tensors = {}
-  for key in reader:
-    code = header[key]['dtype']
-    if code not in _SAFETENSORS_DTYPES:
-      raise ValueError(f'{path}: tensor {key!r} has dtype {code}, which esd-jax does not read.')
-    tensors[key] = LazyTensor(reader[key], header[key]['shape'], _SAFETENSORS_DTYPES[code])
-  return tensors, dict(reader.metadata)
-
-
-def _read_torch(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
-  sd = files.load_torch_checkpoint(path)  # first: it explains a missing torch
-  import torch
-  return {k: LazyTensor(lambda t=t: files.torch_array(t), t.shape, files.torch_array(t.reshape(-1)[:0]).dtype)
-          for k, t in sd.items() if isinstance(t, torch.Tensor)}, {}
-
-
-def read_single_file(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], dict[str, Any],
-                                                      dict[str, str]]:
-  """Reads an SD1/SD2 CompVis single-file checkpoint (.safetensors; .ckpt/.pt when torch is installed).
-
-  Returns (components, extras, metadata): components maps 'unet', 'vae', 'text_encoder' (those present)
-  to diffusers-keyed lazy tensors (`LazyTensor`: call for the array, `.shape` without reading); extras
-  maps the full CompVis keys of everything else (see the module docstring) to lazy tensors; metadata is
-  the file's safetensors `__metadata__`. Configs: `stored_configs(metadata)` for files we wrote, else
-  `infer_configs(components, prediction_type=...)`. The stored configs, when present, also drive the key
-  mapping; without them the structure is read off the keys.
-  """
-  path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f'{path}: checkpoint file not found.')
-  tensors, metadata = (_read_torch if path.suffix in _TORCH_SUFFIXES else _read_safetensors)(path)
-  if any(k.startswith('conditioner.') for k in tensors):
-    raise ValueError(f'{path}: an SDXL single file (conditioner.embedders.*): only SD1/SD2 single files are '
-                     'supported. Convert it to the diffusers folder layout first.')
-  if not any(k.startswith(UNET_PREFIX) for k in tensors):
-    raise ValueError(f'{path}: not a Stable Diffusion checkpoint: it has no {UNET_PREFIX}* tensors (its '
-                     f'{len(tensors)} tensors include {_show(tensors, 3)}). Standalone VAEs, LoRAs and '
-                     'embeddings are not single-file checkpoints.')
-  configs = stored_configs(metadata, source=str(path)) or {}
-  parts: dict[str, dict[str, Any]] = defaultdict(dict)
-  extras = {}
-  for key, value in tensors.items():
-    name = next((n for n, c in _COMPONENTS.items() if key.startswith(c.prefix)), None)
-    if name is None:
-      extras[key] = value
-    else:
-      parts[name][key.removeprefix(_COMPONENTS[name].prefix)] = value
-  components = {}
-  for name, part in parts.items():
-    components[name], rest = _from_compvis(name, part, configs.get(name), f'{path} ({name})')
-    extras.update({_COMPONENTS[name].prefix + k: v for k, v in rest.items()})
-  return components, extras, metadata
-
-
-def write_single_file(path: str | os.PathLike, components: Mapping[str, Mapping[str, Any]],
-                      configs: Mapping[str, Mapping[str, Any]], *, dtype=None,
-                      extras: Mapping[str, Any] | None = None,
-                      metadata: Mapping[str, str] | None = None) -> None:
-  """Writes diffusers-keyed `components` ('unet' required; 'vae', 'text_encoder') as one CompVis
-  .safetensors file, atomically (a temporary sibling, fsynced, renamed over `path`; removed on failure).
-
-  `configs` holds each component's diffusers config (and optionally 'scheduler'); all of it is stored as
-  JSON under the metadata key CONFIG_METADATA_KEY. `extras` (full CompVis keys, e.g. from
-  read_single_file) are written as they are; `metadata` adds string metadata entries. `dtype` ('fp16',
-  'bf16', 'fp32' or a numpy dtype) converts floating tensors; None keeps each tensor's dtype.
-  """
-  path = Path(path)
-  if path.suffix != '.safetensors':
-    raise ValueError(f'{path}: single files are written as .safetensors only; name it *.safetensors.')
-  if 'unet' not in components:
-    raise ValueError(f'{path}: a single-file checkpoint needs the UNet; components has {sorted(components)}.')
-  unknown = sorted(set(components) - set(_COMPONENTS))
-  if unknown:
-    raise ValueError(f'{path}: unknown component(s) {unknown}; a single file holds {sorted(_COMPONENTS)}.')
-  missing = sorted(set(components) - set(configs))
-  if missing:
-    raise ValueError(f'{path}: no config for component(s) {missing}; pass them in configs.')
-  tensors = {}
-  for name, sd in components.items():
-    prefix = _COMPONENTS[name].prefix
-    converted = _to_compvis(name, sd, configs[name], f'{path} ({name})')
-    tensors.update((prefix + k, v) for k, v in converted.items())
-  clash = sorted(set(tensors) & set(extras or {}))
-  if clash:
-    raise ValueError(f'{path}: extras {_show(clash)} collide with converted component tensors; drop them '
-                     'from the extras (or the component) so each tensor is written once.')
-  tensors.update(extras or {})
-  tensors = {k: LazyTensor.of(v) for k, v in tensors.items()}  # the writer needs shape and dtype up front
-  meta = {**(metadata or {}), CONFIG_METADATA_KEY: json.dumps(configs, sort_keys=True)}
-  files.write_safetensors(path, tensors, metadata=meta,
-                          dtype=files.np_dtype(dtype) if isinstance(dtype, str) else dtype)
