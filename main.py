@@ -65,8 +65,9 @@ def main(argv):
   except KeyboardInterrupt:
     if tracebacks:
       raise
-    sys.exit(f'esd-jax {command}: interrupted. Finished outputs are complete (each is written under a temporary '
-             'name and renamed when done); run the command again to redo the rest.')
+    print(f'esd-jax {command}: interrupted. Finished outputs are complete (each is written under a temporary name '
+          'and renamed when done); run the command again to redo the rest.', file=sys.stderr)
+    sys.exit(130)
   except USER_ERRORS as e:
     if tracebacks:
       raise

@@ -60,7 +60,7 @@ def unet_config(name: str) -> dict:
 
 
 def sampling_steps(t_enc: int) -> int:
-  """Guided steps the `paper` sampler runs for t_enc (ESD_SPEC §2): 49 for t_enc ∈ {0, 1}, else 50 − t_enc."""
+  """Guided steps the `paper` sampler runs for t_enc (docs/method.md §2): 49 for t_enc ∈ {0, 1}, else 50 − t_enc."""
   return min(DDIM_STEPS - 1, DDIM_STEPS - t_enc)
 
 

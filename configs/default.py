@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.prediction_type = ''  # single files only: 'epsilon' | 'v_prediction' for SD2 files we did not write
   config.workdir = 'outputs/default'  # every output of a run goes here; re-running resumes
 
-  # What to erase and how (ESD_SPEC §1-3). The paper's settings, except η = 3 and the training length and rate
+  # What to erase and how (docs/method.md §1-3). The paper's settings, except η = 3 and the training length and rate
   # below, which the shapes-world recipe search chose (README); configs/sd14_*.py hold the paper's own.
   config.erase = ml_collections.ConfigDict()
   config.erase.concepts = ('circle',)  # one is drawn per iteration
@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.erase.method = 'esd-u'  # esd-x | esd-u | esd-x-strict | esd-self | esd-all | notime | xlayer |
   #                                selflayer (CompVis aliases xattn, noxattn, selfattn, full) | patterns
   config.erase.patterns = ()  # regexes over diffusers parameter names, for method 'patterns'
-  config.erase.convention = 'paper'  # paper | diffusers-v1 | diffusers-v2 (how x_t is sampled, ESD_SPEC §2)
+  config.erase.convention = 'paper'  # paper | diffusers-v1 | diffusers-v2 (how x_t is sampled, docs/method.md §2)
   config.erase.negative_guidance = 3.0  # η, in the paper's convention
   config.erase.guidance = 3.0  # guidance of the sampler that produces x_t
   config.erase.ddim_steps = 50

@@ -1,4 +1,4 @@
-"""SD 1.4 with the first diffusers port's convention and defaults (ESD_SPEC §2, §4): 200 iterations,
+"""SD 1.4 with the first diffusers port's convention and defaults (docs/method.md §2, §4): 200 iterations,
 lr 2e-5, η = 2; x_t after k ∈ {1..48} DDIM steps of the model being trained, queried at 1000 − 20k."""
 
 from configs import sd14_esd_x

@@ -1,4 +1,4 @@
-"""SD 1.4 with the 2025 code's convention and defaults (ESD_SPEC §2, §4): 200 iterations, lr 5e-5, bf16,
+"""SD 1.4 with the 2025 code's convention and defaults (docs/method.md §2, §4): 200 iterations, lr 5e-5, bf16,
 the frozen model samples x_t with PLMS. That code's η_C = 2 is the paper's η = 1 (esd-jax takes the paper's η).
 512 px, not the 1024 px that code's SD 1.4 script uses by mistake."""
 

@@ -3,7 +3,7 @@
     python main.py erase --config=configs/shapes_colour.py          # red
     python main.py erase --config=configs/shapes_colour.py:blue     # any colour of the world
 
-The colour is erased from each "a {colour} {shape}" prompt (erase_from, ESD_SPEC §1): the student sees that
+The colour is erased from each "a {colour} {shape}" prompt (erase_from, docs/method.md §1): the student sees that
 prompt and the anchor is the frozen model's answer to it, so the shape stays while the colour is guided away.
 Erasing the bare word instead moved the other colours as much as the erased one (README, colour erasure).
 """

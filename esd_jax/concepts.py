@@ -18,12 +18,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
 import re
 from pathlib import Path
 
 import ml_collections
+
+from esd_jax.files import parse_json
 
 FIELDS = ('concept', 'erase_from', 'negative_guidance', 'learning_rate', 'iterations')
 _LINE_BREAK = re.compile(r'\r\n|\r|\n')  # the line ends of io's universal newlines, by which csv counts lines
@@ -91,12 +92,7 @@ def read_concepts(path: str | Path) -> list[Concept]:
   text = _decode(path.read_bytes(), path)
   suffix = path.suffix.lower()
   if suffix == '.json':
-    try:
-      entries = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise ConceptError(f'{path}: not valid JSON ({e}); expected a list of strings or objects.') from e
-    if not isinstance(entries, list):
-      raise ConceptError(f'{path}: expected a JSON list of concepts, got {type(entries).__name__}.')
+    entries = parse_json(text, f'{path} (a list of concepts: strings or objects)', list, ConceptError)
     concepts = [_concept(e if isinstance(e, dict) else {'concept': e}, f'{path} entry {i}')
                 for i, e in enumerate(entries)]
   elif suffix == '.csv':

@@ -1,4 +1,4 @@
-"""The ESD objective (ESD_SPEC §1–2): erase concept c by teaching the UNet the frozen model's negative guidance.
+"""The ESD objective (docs/method.md §1–2): erase concept c by teaching the UNet the frozen model's negative guidance.
 
     target = anchor − η · (ε*(x_t, c, t) − ε*(x_t, "", t))        anchor = ε*(x_t, "", t), or ε*(x_t, f, t)
     loss   = mean((ε_θ(x_t, c, t) − stop_gradient(target))²)      the student sees f instead of c if given
@@ -6,7 +6,7 @@
 ε* is the frozen model, ε_θ the one being trained, η the negative guidance, f the optional `erase_from`
 prompt (erase c only from f). x_t is no training image: a sampler runs from noise x_T toward the concept with
 classifier-free guidance and stops part-way. How it runs and which timestep the models are then asked at
-differ between the three versions of the authors' code (`CONVENTIONS`, ESD_SPEC §2, §4); all are here, with
+differ between the three versions of the authors' code (`CONVENTIONS`, docs/method.md §2, §4); all are here, with
 η always in the paper's convention. Every random draw is an input (`Draws`), so that a PyTorch
 implementation fed the same draws gives the same loss and gradients (tests/torch_esd.py).
 """
@@ -91,7 +91,7 @@ class Draws(NamedTuple):
 
 def draw(key: jax.Array, objective: Objective, scheduler, *, batch: int, latent_shape: tuple[int, int, int],
          num_concepts: int, per_step: int = 1) -> Draws:
-  """Draws as the convention's code draws them (ESD_SPEC §4): one step and one concept per iteration.
+  """Draws as the convention's code draws them (docs/method.md §4): one step and one concept per iteration.
 
   With per_step = B > 1, B independent draws stacked on a leading axis, for B different concepts (while
   there are that many): `train_step` then averages their losses.

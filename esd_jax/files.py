@@ -95,14 +95,23 @@ def _fsync(path: Path) -> None:
       os.fsync(f.fileno())
 
 
+def parse_json(text: str, source: str, expected: type = dict, error: type[Exception] = ValueError):
+  """`text` as JSON of type `expected`; otherwise `error` naming `source`."""
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise error(f'{source}: not valid JSON ({e}).') from e
+  if not isinstance(value, expected):
+    raise error(f'{source}: expected a JSON {"object" if expected is dict else "list"}, got '
+                f'{type(value).__name__}.')
+  return value
+
+
 def read_json(path: Path) -> dict[str, Any]:
   if not path.is_file():
     raise FileNotFoundError(f'{path}: not found. A diffusers model folder needs it; is {path.parent} the '
                             'right folder?')
-  try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path}: not valid JSON ({e}).') from e
+  return parse_json(path.read_text(), str(path))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -1,4 +1,4 @@
-"""Which UNet weights each ESD train method trains (ESD_SPEC §3), as rules on diffusers parameter names."""
+"""Which UNet weights each ESD train method trains (docs/method.md §3), as rules on diffusers parameter names."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from esd_jax.models import build
+from esd_jax.models import build, clip
 from esd_jax.pipeline import StableDiffusion
 
 WORDS = ('a', 'photo', 'of', 'painting', 'in', 'the', 'style', 'cat', 'dog', 'car', 'church', 'van', 'gogh')
@@ -31,10 +31,10 @@ SCHEDULER = {
 }
 
 
-def text_encoder_config(vocab_size: int) -> dict:
-  return {'architectures': ['CLIPTextModel'], 'vocab_size': vocab_size, 'hidden_size': 32,
-          'intermediate_size': 64, 'num_attention_heads': 2, 'num_hidden_layers': 2, 'max_position_embeddings': 16,
-          'hidden_act': 'quick_gelu', 'eos_token_id': vocab_size - 1}
+TEXT_ENCODER = {  # vocab_size and eos_token_id from the tokenizer: models.clip.for_vocabulary
+    'architectures': ['CLIPTextModel'], 'hidden_size': 32, 'intermediate_size': 64, 'num_attention_heads': 2,
+    'num_hidden_layers': 2, 'max_position_embeddings': 16, 'hidden_act': 'quick_gelu',
+}
 
 
 def random_pipeline(folder: str | os.PathLike, *, seed: int = 0) -> StableDiffusion:
@@ -48,7 +48,7 @@ def random_pipeline(folder: str | os.PathLike, *, seed: int = 0) -> StableDiffus
     write_clip_tokenizer(Path(tmp) / 'tokenizer', WORDS, model_max_length=16)
     tokenizer = CLIPTokenizer.from_pretrained(str(Path(tmp) / 'tokenizer'))
   pipe = StableDiffusion(unet=build(UNET, seed=seed), vae=build(VAE, seed=seed + 1),
-                         text_encoder=build(text_encoder_config(len(tokenizer)), seed=seed + 2),
+                         text_encoder=build(clip.for_vocabulary(TEXT_ENCODER, len(tokenizer)), seed=seed + 2),
                          tokenizer=tokenizer, scheduler_config=dict(SCHEDULER))
   save_pipeline(pipe, folder)
   return pipe

@@ -34,6 +34,7 @@ def model(tmp_path_factory):
   from transformers import CLIPTokenizer
 
   from esd_jax import tiny
+  from esd_jax.models import clip
   from esd_jax.tokenizer import write_clip_tokenizer
   from tests.reference import torch_twin
 
@@ -43,7 +44,7 @@ def model(tmp_path_factory):
   torch.manual_seed(0)
   pipe = StableDiffusionPipeline(
       vae=torch_twin(tiny.VAE), unet=torch_twin(tiny.UNET),
-      text_encoder=torch_twin(tiny.text_encoder_config(len(tokenizer))), tokenizer=tokenizer,
+      text_encoder=torch_twin(clip.for_vocabulary(tiny.TEXT_ENCODER, len(tokenizer))), tokenizer=tokenizer,
       scheduler=DDIMScheduler.from_config({k: v for k, v in tiny.SCHEDULER.items() if not k.startswith('_')}),
       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
   pipe.save_pretrained(str(folder))

@@ -1,5 +1,6 @@
 """main.py end to end, as a user runs it."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,15 +18,20 @@ def _main(*args, cwd):
 
 def test_generate_writes_images_and_grid(tmp_path):
   result = _main('generate', '--config.model=tiny-random', '--config.generate.steps=2', '--config.generate.seeds=(0,1)',
-                 "--config.generate.prompts=('a cat','a dog')", f'--config.workdir={tmp_path}', cwd=tmp_path)
+                 "--config.generate.prompts=('a cat','A cat!','a dog ' * 9)", f'--config.workdir={tmp_path}',
+                 cwd=tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   out = tmp_path / 'generate'
-  assert sorted(p.name for p in out.glob('*.png')) == ['a_cat_seed0.png', 'a_cat_seed1.png', 'a_dog_seed0.png',
-                                                      'a_dog_seed1.png', 'grid.png']
+  dogs = '_'.join(['a_dog'] * 9)[:60]
+  # Prompts whose file names would coincide are numbered, so no image overwrites another.
+  assert sorted(p.name for p in out.glob('*.png')) == sorted(
+      [f'{name}_seed{s}.png' for name in ('a_cat', 'a_cat_2', dogs) for s in (0, 1)] + ['grid.png'])
   cat0, cat1 = (np.asarray(Image.open(out / f'a_cat_seed{s}.png')) for s in (0, 1))
   assert cat0.shape == (32, 32, 3) and not np.array_equal(cat0, cat1)  # seeds give different images
   assert Image.open(out / 'grid.png').size[0] > 2 * 128  # two upscaled columns plus labels
   assert (tmp_path / 'tiny-random' / 'model_index.json').is_file()
+  # The 18-word prompt does not fit the 16 tokens of the tiny text encoder: said, not silently cut.
+  assert "The prompt 'a dog a dog" in result.stderr and 'tokens longer than the text encoder reads' in result.stderr
 
 
 def test_bad_command_and_unknown_field(tmp_path):
@@ -33,6 +39,27 @@ def test_bad_command_and_unknown_field(tmp_path):
   assert result.returncode != 0 and "Unknown command 'erase-everything'" in result.stderr
   result = _main('generate', '--config.generate.stepz=3', cwd=tmp_path)
   assert result.returncode != 0 and 'stepz' in result.stderr
+
+
+def test_user_errors_are_one_message_before_any_work(tmp_path):
+  (tmp_path / 'weights.bin').write_bytes(b'not a model')
+  cases = {('erase', '--config.train.iterations=0'): '--config.train.iterations=0 is not valid',
+           ('erase', "--config.export.formats=('onnx',)"): '--config.export.formats',
+           ('generate', f'--config.model={tmp_path / "weights.bin"}'): 'is a file but not a single-file checkpoint'}
+  for args, message in cases.items():
+    result = _main(*args, f'--config.workdir={tmp_path / "run"}', cwd=tmp_path)
+    assert result.returncode == 1 and message in result.stderr, result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr and len(result.stderr.strip().splitlines()) == 2
+  assert not (tmp_path / 'run' / 'checkpoints').exists()  # refused before any work
+  shown = subprocess.run([sys.executable, str(ROOT / 'main.py'), 'erase', '--config.train.iterations=0'], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600, env={**os.environ, 'ESD_JAX_TRACEBACK': '1'})
+  assert shown.returncode != 0 and 'Traceback' in shown.stderr
+
+
+def test_dry_run_on_the_default_config(tmp_path):
+  result = _main('dry_run', cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'model            shapes-world' in result.stdout and 'trained tensors  ' in result.stdout
 
 
 def test_dry_run_from_a_config_file_reproduces_the_spec(tmp_path):

@@ -1,6 +1,7 @@
 """Atomic writes, streaming safetensors I/O, and torch checkpoints loaded without running pickled code."""
 
 import collections
+import errno
 
 import ml_dtypes
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file as torch_load_file
 
-from esd_jax.files import SafetensorsReader, atomic_path, load_torch_checkpoint, np_dtype, write_safetensors
+from esd_jax.files import (SafetensorsReader, atomic_path, is_disk_full, load_torch_checkpoint, np_dtype,
+                           write_safetensors)
 
 
 def _tensors():
@@ -106,3 +108,23 @@ def test_pickled_objects_are_refused_with_only_safe_advice(tmp_path, obj, name, 
   assert 'weights_only=False' not in message and 'will likely succeed' not in message
   # torch's advice does not ride along in the traceback either.
   assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_a_full_disk_is_named_with_the_path_and_the_fix(tmp_path):
+  target = tmp_path / 'out.json'
+  target.write_text('old')
+  with pytest.raises(OSError, match=r'Writing .*out\.json failed \(No space left on device\); nothing was written '
+                                    r'there\. The disk is full'):
+    with atomic_path(target) as tmp:
+      tmp.write_text('new')
+      raise OSError(errno.ENOSPC, 'No space left on device')
+  assert target.read_text() == 'old' and [p.name for p in tmp_path.iterdir()] == ['out.json']
+  # orbax (tensorstore) reports a full disk as RESOURCE_EXHAUSTED, wrapped in other errors.
+  try:
+    try:
+      raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "/x/d/0.ocdbt"')
+    except ValueError as e:
+      raise RuntimeError('checkpoint save failed') from e
+  except RuntimeError as wrapped:
+    assert is_disk_full(wrapped)
+  assert not is_disk_full(RuntimeError('shapes differ')) and not is_disk_full(OSError(errno.EACCES, 'denied'))

@@ -1,4 +1,4 @@
-"""Train methods: the spec's table (ESD_SPEC §3) from configs alone, and bad selections."""
+"""Train methods: the spec's table (docs/method.md §3) from configs alone, and bad selections."""
 
 import pytest
 
@@ -7,7 +7,7 @@ from esd_jax.methods import summary, trained_keys
 from esd_jax.models import build_abstract
 from esd_jax.models.state_dict import param_shapes
 
-SD14_TABLE = {  # method: (tensors, parameters), ESD_SPEC §3
+SD14_TABLE = {  # method: (tensors, parameters), docs/method.md §3
     'esd-x': (80, 43_962_560), 'esd-u': (598, 813_495_680), 'esd-x-strict': (32, 19_169_280),
     'esd-self': (80, 49_574_080), 'esd-all': (686, 859_520_964), 'notime': (678, 857_458_240),
     'xlayer': (10, 3_605_760), 'selflayer': (10, 8_193_920),

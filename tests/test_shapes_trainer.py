@@ -10,7 +10,7 @@ from flax import nnx
 from esd_jax.shapes_world import trainer, world
 from esd_jax.shapes_world.fit import fit
 from esd_jax.models import build_abstract
-from esd_jax.models.clip import canonical_keys
+from esd_jax.models.clip import canonical_keys, for_vocabulary
 from esd_jax.models.state_dict import load_state_dict
 from esd_jax.schedulers import make_scheduler
 from esd_jax.tiny import SCHEDULER
@@ -76,7 +76,7 @@ def test_vae_step_reconstructs_better():
 def test_denoiser_step_trains_unet_and_text_encoder(tokenizer):
   scheduler = make_scheduler(SCHEDULER)
   unet = _random(trainer.UNET, seed=1)
-  text = _random(trainer.text_encoder_config(len(tokenizer)), seed=2)
+  text = _random(for_vocabulary(trainer.TEXT_ENCODER, len(tokenizer)), seed=2)
   (unet_def, unet_params), (text_def, text_params) = nnx.split(unet), nnx.split(text)
   rng = np.random.default_rng(0)
   latents = jnp.asarray(rng.standard_normal((8, 8, 8, 4)), jnp.float32)

@@ -1,4 +1,4 @@
-"""Self-checks of the PyTorch ESD reference (tests/torch_esd.py) against ESD_SPEC.md on a tiny random UNet."""
+"""Self-checks of the PyTorch ESD reference (tests/torch_esd.py) against docs/method.md on a tiny random UNet."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def eps(unet, x, t, emb):
   return unet(torch.as_tensor(x), t, encoder_hidden_states=torch.as_tensor(emb)).sample.numpy()
 
 
-# ESD_SPEC §2 table: t_enc -> (sampling steps, DDPM t at which x_t lies).
+# docs/method.md §2 table: t_enc -> (sampling steps, DDPM t at which x_t lies).
 PAPER_TABLE = {0: (49, 0), 1: (49, 0), 2: (48, 1), 25: (25, 461), 49: (1, 941)}
 
 
@@ -194,7 +194,7 @@ def test_erase_from_anchors_paper_and_v1_on_f(base_unet, inputs, convention, k, 
 
 
 def test_erasing_c_from_c_is_plain_erasure(base_unet, inputs):
-  """The anchor falls back to ε*("") (ESD_SPEC §1)."""
+  """The anchor falls back to ε*("") (docs/method.md §1)."""
   args, _ = inputs
   plain = run(base_unet, inputs, convention='paper', step_index=45, query_t=905)[2]
   same = esd_step(copy.deepcopy(base_unet), SCHEDULER, **args, erase_from_emb=args['concept_emb'], eta=ETA,
@@ -202,7 +202,7 @@ def test_erasing_c_from_c_is_plain_erasure(base_unet, inputs):
   np.testing.assert_array_equal(same['target'], plain['target'])
 
 
-# ESD_SPEC §3 on the SD 1.4 UNet: method -> (tensors, parameters).
+# docs/method.md §3 on the SD 1.4 UNet: method -> (tensors, parameters).
 SD14_COUNTS = {
     'esd-x': (80, 43_962_560), 'esd-u': (598, 813_495_680), 'esd-x-strict': (32, 19_169_280),
     'esd-self': (80, 49_574_080), 'esd-all': (686, 859_520_964), 'notime': (678, 857_458_240),

@@ -1,6 +1,8 @@
 """ESD runs: sharding over a mesh, kill-and-resume, and bad input."""
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from safetensors.numpy import load_file
 from configs.default import get_config
 from esd_jax.errors import RunError
 from esd_jax.train import run_erasure
+from esd_jax.workdir import lock_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +71,9 @@ def test_sigkill_then_resume_equals_uninterrupted(model, tmp_path):
   assert done < 6, 'the run was not interrupted'
   resumed = subprocess.run(_erase_cli(model, tmp_path / 'killed', 6), capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert 'Resumed from step' in resumed.stderr
+  assert 'esd-jax: Resumed from step 2' in resumed.stderr
+  # A quiet console: esd-jax's lines and the progress bar, none of the libraries' INFO logs (orbax's, absl-formatted).
+  assert not [line for line in full.stderr.splitlines() if re.match(r'I\d{4} ', line)], full.stderr[-3000:]
   a = load_file(tmp_path / 'full' / 'erased' / 'unet_trained.safetensors')
   b = load_file(tmp_path / 'killed' / 'erased' / 'unet_trained.safetensors')
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
@@ -76,11 +81,56 @@ def test_sigkill_then_resume_equals_uninterrupted(model, tmp_path):
   assert len(steps) == 6  # lines past the restored checkpoint were dropped, then written again
 
 
+def test_ctrl_c_says_where_it_stopped_and_that_a_rerun_resumes(model, tmp_path):
+  proc = subprocess.Popen(_erase_cli(model, tmp_path, 500), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True)
+  checkpoint = tmp_path / 'checkpoints' / '2'
+  deadline = time.time() + 500
+  while not checkpoint.is_dir() and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 130, stderr[-3000:]
+  assert re.search(r'Interrupted during iteration \d+ of 500\. Checkpoint step \d+ in .*checkpoints is kept: run the '
+                   r'same command again to resume from it\.', stderr), stderr[-3000:]
+  assert 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(model, tmp_path):
   config = _config(model, tmp_path, learning_rate=1e30, checkpoint_every=1, iterations=5)
-  with pytest.raises(RunError, match=r'Iteration 2: the loss is (nan|inf)\. .*last good checkpoint is step 1'):
+  with pytest.raises(RunError, match=r'Iteration 2: the loss is (nan|inf)\. .*last good checkpoint is step 1.*'
+                     'Lower train.learning_rate'):
     run_erasure(config, progress=False)
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1']
+
+
+def test_resume_with_a_new_learning_rate(model, tmp_path):
+  # What the non-finite message advises: the same command with another learning rate goes on from the last
+  # checkpoint, Adam's state carried over, the change logged. A torn last metrics line (what a full disk or a kill
+  # leaves) is dropped, not fatal.
+  config = _config(model, tmp_path, learning_rate=1e-4, checkpoint_every=1, iterations=2)
+  run_erasure(config, progress=False)
+  metrics = tmp_path / 'metrics.jsonl'
+  metrics.write_text(metrics.read_text() + '{"step": 3, "lo')
+  config.train.update(learning_rate=5e-5, iterations=4)
+  result = run_erasure(config, progress=False)
+  change = {'step': 2, 'learning_rate': {'was': 1e-4, 'now': 5e-5}}
+  assert result.metadata['learning_rate_changes'] == [change]
+  records = [json.loads(line) for line in metrics.read_text().splitlines()]
+  assert [r.get('step') for r in records] == [1, 2, 2, 3, 4]
+  assert records[2] == {'event': 'learning_rate_changed', **change}
+  # Anything else that differs is still another run.
+  config.train.seed = 1
+  with pytest.raises(RunError, match=r"holds checkpoints of a different run \(seed: checkpoint 0, now 1\)"):
+    run_erasure(config, progress=False)
+
+
+def test_one_run_per_workdir(model, tmp_path):
+  with lock_workdir(tmp_path, 'erase'):
+    with pytest.raises(RunError, match=f'{tmp_path} is in use by process {os.getpid()} on .*`erase`'):
+      run_erasure(_config(model, tmp_path), progress=False)
+  with lock_workdir(tmp_path, 'erase'):  # released when the first run ends
+    pass
 
 
 def test_bad_input(model, tmp_path):

@@ -1,4 +1,4 @@
-"""An independent PyTorch reference for ONE ESD training step, written from ESD_SPEC.md alone.
+"""An independent PyTorch reference for ONE ESD training step, written from docs/method.md (the method as the authors' code runs it) alone.
 
 Parity tests compare the JAX trainer against this: two implementations of the same spec written apart, so a
 mismatch points at a mistake in one of them. Everything runs in fp32 on a diffusers UNet2DConditionModel.
@@ -38,7 +38,7 @@ TRAIN_METHODS: dict[str, Callable[[str], bool]] = {
     'selflayer': lambda name: 'attn1' in name and _inside(name, 'down_blocks.1.attentions.0',
                                                           'down_blocks.2.attentions.0'),
 }
-"""ESD_SPEC §3: which diffusers UNet parameter names each method trains."""
+"""docs/method.md §3: which diffusers UNet parameter names each method trains."""
 
 
 def _tensor(a) -> torch.Tensor:
@@ -70,7 +70,7 @@ def compvis_ddim_timesteps(config, num_steps: int) -> np.ndarray:
 
 
 def sample_paper(model, config, num_steps: int, x, cond, uncond, guidance: float, t_enc: int) -> torch.Tensor:
-  """The CompVis DDIM walk (η_ddim = 0) of ESD's paper code, stopped early at t_enc (ESD_SPEC §2 `paper`)."""
+  """The CompVis DDIM walk (η_ddim = 0) of ESD's paper code, stopped early at t_enc (docs/method.md §2 `paper`)."""
   alphas_cumprod = compvis_alphas_cumprod(config)
   ddim_t = compvis_ddim_timesteps(config, num_steps)
   alphas = alphas_cumprod[ddim_t]
@@ -106,7 +106,7 @@ def _scheduler(scheduler_config: dict, sampler: str, num_steps: int):
 
 
 def _query_timesteps(convention: str, config, scheduler, num_steps: int, step_index: int) -> range:
-  """The query timesteps ESD_SPEC §2/§4 allow at this step index; raises if the step index is out of range."""
+  """The query timesteps docs/method.md §2/§4 allow at this step index; raises if the step index is out of range."""
   T = config.num_train_timesteps
   last = {'paper': num_steps - 1, 'diffusers-v1': num_steps - 2, 'diffusers-v2': num_steps - 1}[convention]
   first = 1 if convention == 'diffusers-v1' else 0
@@ -133,7 +133,7 @@ def esd_step(unet: UNet2DConditionModel, scheduler_config: dict, *, convention: 
   convention: 'paper' (CompVis DDIM, step_index = t_enc ∈ {0..S−1}, query_t ∈ 20·t_enc + {0..19}),
     'diffusers-v1' (DDIMScheduler, step_index = k ∈ {1..S−2}, query_t = 1000 − 20k) or 'diffusers-v2'
     (the frozen model samples with `sampler` 'ddim' or 'pndm', step_index = k ∈ {0..S−1},
-    query_t = timesteps[k]); see ESD_SPEC §2 and §4. A query_t the convention does not allow raises.
+    query_t = timesteps[k]); see docs/method.md §2 and §4. A query_t the convention does not allow raises.
   eta: the paper's negative guidance η in every convention ('diffusers-v2' uses η_C = η + 1 internally).
   teacher: θ*; a deep copy of `unet` taken before the step when None. A different one lets a test tell
     which model samples; the 'paper' and 'diffusers-v1' conventions sample with θ, 'diffusers-v2' with θ*.
@@ -170,7 +170,7 @@ def esd_step(unet: UNet2DConditionModel, scheduler_config: dict, *, convention: 
   c, u, f = (None if e is None else _tensor(e).expand(x.shape[0], -1, -1)
              for e in (concept_emb, uncond_emb, erase_from_emb))
   if f is not None and torch.equal(f, c):
-    f = None  # ESD_SPEC §1: erasing c from f = c is plain erasure, with the "" anchor.
+    f = None  # docs/method.md §1: erasing c from f = c is plain erasure, with the "" anchor.
   # The student sees f when erasing from f. The sampling prompt is the student's prompt too (f if given, else
   # c): so the 2025 code does; the demo line (diffusers-v1) sampled with c even when f was given.
   student_emb = c if f is None else f

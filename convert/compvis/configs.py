@@ -7,13 +7,13 @@ for other files `infer_configs` derives SD1/SD2 configs from the tensor shapes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from convert.compvis.links import _indices, _text_diffusers_keys
+from esd_jax.files import parse_json
 
 # safetensors `__metadata__` entry holding our diffusers configs as JSON:
 # {"unet": {...}, "vae": {...}, "text_encoder": {...}, "scheduler": {...}}.
@@ -28,13 +28,7 @@ def stored_configs(metadata: Mapping[str, str], *, source: str = 'checkpoint') -
   text = (metadata or {}).get(CONFIG_METADATA_KEY)
   if text is None:
     return None
-  try:
-    configs = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{source}: metadata entry {CONFIG_METADATA_KEY!r} is not valid JSON ({e}).') from e
-  if not isinstance(configs, dict):
-    raise ValueError(f'{source}: metadata entry {CONFIG_METADATA_KEY!r} is not a JSON object.')
-  return configs
+  return parse_json(text, f'{source} metadata entry {CONFIG_METADATA_KEY!r}')
 
 
 def _shape(value) -> tuple[int, ...]:

@@ -46,6 +46,12 @@ _PREFIX = 'text_model.'
 _V = TypeVar('_V')
 
 
+def for_vocabulary(config: Mapping[str, Any], vocab_size: int) -> dict[str, Any]:
+  """A text encoder config sized for a tokenizer of `vocab_size` tokens whose last token is <|endoftext|> (as
+  esd_jax.tokenizer writes them)."""
+  return {**config, 'vocab_size': vocab_size, 'eos_token_id': vocab_size - 1}
+
+
 def canonical_keys(tensors: Mapping[str, _V]) -> dict[str, _V]:
   """A CLIP text-encoder checkpoint's tensors under this module's keys.
 

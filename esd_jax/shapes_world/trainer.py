@@ -16,7 +16,6 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +23,7 @@ from flax import nnx
 
 from esd_jax.shapes_world import world
 from esd_jax.shapes_world.fit import fit
-from esd_jax.models import build
+from esd_jax.models import build, clip
 from esd_jax.pipeline import StableDiffusion
 from esd_jax.schedulers import make_scheduler
 from esd_jax.tiny import SCHEDULER
@@ -47,10 +46,10 @@ UNET = {
 }
 
 
-def text_encoder_config(vocab_size: int) -> dict[str, Any]:
-  return {'architectures': ['CLIPTextModel'], 'vocab_size': vocab_size, 'hidden_size': 64,
-          'intermediate_size': 128, 'num_attention_heads': 4, 'num_hidden_layers': 2,
-          'max_position_embeddings': MAX_TOKENS, 'hidden_act': 'quick_gelu', 'eos_token_id': vocab_size - 1}
+TEXT_ENCODER = {  # vocab_size and eos_token_id from the tokenizer: models.clip.for_vocabulary
+    'architectures': ['CLIPTextModel'], 'hidden_size': 64, 'intermediate_size': 128, 'num_attention_heads': 4,
+    'num_hidden_layers': 2, 'max_position_embeddings': MAX_TOKENS, 'hidden_act': 'quick_gelu',
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +124,7 @@ def train_denoiser(vae: nnx.Module, tokenizer, recipe: Recipe, *, log_every: int
   """The trained (EMA) UNet and text encoder, and their loss log. The VAE stays frozen."""
   scheduler = make_scheduler(SCHEDULER)
   unet = build(UNET, seed=recipe.seed + 1)
-  text_encoder = build(text_encoder_config(len(tokenizer)), seed=recipe.seed + 2)
+  text_encoder = build(clip.for_vocabulary(TEXT_ENCODER, len(tokenizer)), seed=recipe.seed + 2)
   (unet_def, unet_params), (text_def, text_params) = nnx.split(unet), nnx.split(text_encoder)
   vae_def, vae_params = nnx.split(vae)
   scale = vae.config['scaling_factor']
