@@ -28,7 +28,6 @@ from esd_jax.log import log
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.py')
 _CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Experiment config file (get_config()).')
-flags.FLAGS.set_default('verbosity', -1)  # absl WARNING: the libraries' INFO logs only on request
 
 # What a user's input or environment causes (bad config, missing or corrupt files, a run that cannot go on);
 # anything else is a bug and keeps its traceback.
@@ -53,6 +52,8 @@ def main(argv):
   command = argv[1] if len(argv) > 1 else 'erase'
   if command not in commands.COMMANDS:
     raise app.UsageError(f'Unknown command {command!r}; choose one of {sorted(commands.COMMANDS)}.')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # app.run raised it to INFO: the libraries' INFO logs only on request
   _show_esd_jax_logs()
   config = _CONFIG.value
   logging.info('esd-jax %s with config:\n%s', command, config)

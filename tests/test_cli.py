@@ -17,9 +17,9 @@ def _main(*args, cwd):
 
 
 def test_generate_writes_images_and_grid(tmp_path):
+  long = ' '.join(['a dog'] * 9)
   result = _main('generate', '--config.model=tiny-random', '--config.generate.steps=2', '--config.generate.seeds=(0,1)',
-                 "--config.generate.prompts=('a cat','A cat!','a dog ' * 9)", f'--config.workdir={tmp_path}',
-                 cwd=tmp_path)
+                 f"--config.generate.prompts=('a cat','A cat!','{long}')", f'--config.workdir={tmp_path}', cwd=tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   out = tmp_path / 'generate'
   dogs = '_'.join(['a_dog'] * 9)[:60]
