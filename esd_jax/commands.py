@@ -36,9 +36,14 @@ def _slug(text: str) -> str:
 
 
 def image_names(prompts: list[str]) -> list[str]:
-  """A file stem per prompt, unique within the list: the slug, numbered where two prompts share one."""
-  slugs = [_slug(p) for p in prompts]
-  return [s if slugs.count(s) == 1 else f'{s}_{slugs[:i].count(s) + 1}' for i, s in enumerate(slugs)]
+  """A file stem per prompt, unique within the list: its slug, numbered (_2, _3, …) where an earlier prompt took it."""
+  names = []
+  for slug in map(_slug, prompts):
+    name, k = slug, 2
+    while name in names:
+      name, k = f'{slug}_{k}', k + 1
+    names.append(name)
+  return names
 
 
 def _warn_cut_prompts(pipe, prompts) -> None:
