@@ -42,6 +42,15 @@ def _show_esd_jax_logs() -> None:
   log.propagate = False  # absl's handler on the root logger would print each line again
 
 
+class _DiskFullTracebacks(std_logging.Filter):
+  """Drops orbax's logged tracebacks of a full disk (five for one failed save): esd-jax reports it once, with the
+  path and the fix."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else '')
+    return not ('RESOURCE_EXHAUSTED' in text or 'No space left on device' in text)
+
+
 def _message(error: BaseException) -> str:
   return error.args[0] if isinstance(error, KeyError) and error.args else str(error)
 
@@ -58,6 +67,8 @@ def main(argv):
   config = _CONFIG.value
   logging.info('esd-jax %s with config:\n%s', command, config)
   tracebacks = logging.get_verbosity() >= logging.INFO or os.environ.get('ESD_JAX_TRACEBACK') == '1'
+  if not tracebacks:
+    logging.get_absl_logger().addFilter(_DiskFullTracebacks())
   try:
     if 'mesh' in config and config.mesh.distributed:
       import jax

@@ -81,7 +81,7 @@ class Checkpoints:
                     {**metadata, 'learning_rate_changes': changes} if changes else metadata, change)
 
   def save(self, step: int, state, metadata: dict[str, Any], failed: dict[int, str]) -> None:
-    with self._writing(f'writing checkpoint {step} to'):
+    with self._writing('writing checkpoints to'):
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), run=ocp.args.JsonSave(metadata),
           failed=ocp.args.JsonSave({str(k): v for k, v in failed.items()})), force=True)

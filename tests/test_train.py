@@ -14,6 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from configs.default import get_config
+from esd_jax.checkpoints import Checkpoints
 from esd_jax.errors import RunError
 from esd_jax.train import run_erasure
 from esd_jax.workdir import lock_workdir
@@ -149,3 +150,23 @@ def test_bad_input(model, tmp_path):
   config.erase.method, config.erase.patterns = 'patterns', ('nothing_matches',)
   with pytest.raises(ValueError, match='selects no UNet parameter'):
     run_erasure(config, progress=False)
+
+
+def test_a_full_disk_while_checkpointing_is_one_message(tmp_path, monkeypatch):
+  # What orbax raises when the disk fills (seen on a full tmpfs); the background save's error surfaces at the next
+  # save or at the end. Any other error passes through as it is.
+  def failing(message):
+    def save(*args, **kwargs):
+      raise ValueError(message)
+    return save
+  checkpoints = Checkpoints(tmp_path / 'checkpoints', keep=1)
+  monkeypatch.setattr(checkpoints._manager, 'save', failing(
+      'RESOURCE_EXHAUSTED: Error writing "w/0.0" in OCDBT database: Failed to write 3463558 bytes to file 4: No space '
+      "left on device [os_error_code='28']"))
+  with pytest.raises(RunError, match=r'Writing checkpoints to .*checkpoints failed: the disk is full\. Free space '
+                                     r'there, or use another --config.workdir.*resumes from the last complete'):
+    checkpoints.save(1, {'w': np.zeros(3, np.float32)}, {}, {})
+  monkeypatch.setattr(checkpoints._manager, 'save', failing('shapes differ'))
+  with pytest.raises(ValueError, match='shapes differ'):
+    checkpoints.save(1, {'w': np.zeros(3, np.float32)}, {}, {})
+  checkpoints.close()
