@@ -9,12 +9,15 @@ come from fold_in(seed, i), so a resumed run repeats exactly what an uninterrupt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -386,13 +389,36 @@ def run_erasure(config: ml_collections.ConfigDict, pipe: StableDiffusion | None 
                           'seconds': round(time.perf_counter() - run_start, 1)})
 
 
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[threading.Event]:
+  """Ctrl-C (SIGINT) during the loop asks it to stop after the iteration in progress, so that it can save a
+  checkpoint first (a KeyboardInterrupt inside orbax's save would leave it half-done); a second Ctrl-C interrupts
+  at once."""
+  requested = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    yield requested
+    return
+  previous = signal.getsignal(signal.SIGINT)
+
+  def handler(signum, frame):
+    if requested.is_set():
+      raise KeyboardInterrupt
+    requested.set()
+    log.warning('Ctrl-C: stopping after this iteration, with a checkpoint (Ctrl-C again to stop at once).')
+  signal.signal(signal.SIGINT, handler)
+  try:
+    yield requested
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
 def _loop(plan: Plan, models: Models, state, failed, start: int, checkpoints: Checkpoints, metrics: MetricsLog,
           metadata: dict, *, every: int, progress: bool):
-  """Iterations start … plan.total: draws, step, metrics, a checkpoint every `every` and at the end."""
+  """Iterations start … plan.total: draws, step, metrics, a checkpoint every `every` and at the end (and when
+  Ctrl-C asks the run to stop)."""
   bar = tqdm(range(start, plan.total), initial=start, total=plan.total, desc='erase', unit='it',
              disable=not progress)
-  i = start
-  try:
+  with _stop_requests() as stop, contextlib.closing(bar):
     for i in bar:
       draws = models.draw(i)
       # A model trains until its own iteration count, unless stopped for a non-finite loss.
@@ -402,15 +428,10 @@ def _loop(plan: Plan, models: Models, state, failed, start: int, checkpoints: Ch
       _stop_failed(i, plan, losses, active, stepped, failed, checkpoints)
       metrics.write(_record(i, plan, draws, losses, time.perf_counter() - tick))
       bar.set_postfix(loss=f'{np.mean(losses[np.isfinite(losses)]):.5f}')  # finite ones: a stopped model's may not be
-      if (i + 1) % every == 0 or i + 1 == plan.total:
+      if (i + 1) % every == 0 or i + 1 == plan.total or stop.is_set():
         checkpoints.save(i + 1, state, metadata, failed)
-  except KeyboardInterrupt:
-    checkpoints.wait()
-    last = checkpoints.last_complete()
-    raise RunError(f'Interrupted during iteration {i + 1} of {plan.total}. '
-                   + (f'Checkpoint step {last} in {checkpoints.directory} is kept' if last else
-                      'No checkpoint had been written yet')
-                   + ': run the same command again to resume from it.', exit_code=130) from None
-  finally:
-    bar.close()
+      if stop.is_set() and i + 1 < plan.total:
+        checkpoints.wait()
+        raise RunError(f'Interrupted: stopped after iteration {i + 1} of {plan.total} and saved checkpoint step {i + 1} '
+                       f'in {checkpoints.directory}: run the same command again to resume from it.', exit_code=130)
   return state, failed

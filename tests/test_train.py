@@ -92,9 +92,11 @@ def test_ctrl_c_says_where_it_stopped_and_that_a_rerun_resumes(model, tmp_path):
   proc.send_signal(signal.SIGINT)
   _, stderr = proc.communicate(timeout=300)
   assert proc.returncode == 130, stderr[-3000:]
-  assert re.search(r'Interrupted during iteration \d+ of 500\. Checkpoint step \d+ in .*checkpoints is kept: run the '
-                   r'same command again to resume from it\.', stderr), stderr[-3000:]
+  stopped = re.search(r'Interrupted: stopped after iteration (\d+) of 500 and saved checkpoint step \1 in .*checkpoints: '
+                      r'run the same command again to resume from it\.', stderr)
+  assert stopped, stderr[-3000:]
   assert 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr
+  assert (tmp_path / 'checkpoints' / stopped.group(1)).is_dir()  # no iteration lost
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(model, tmp_path):
