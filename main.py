@@ -22,7 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from esd_jax import commands
+from esd_jax import commands, distributed
 from esd_jax.errors import RunError
 from esd_jax.log import log
 
@@ -34,11 +34,12 @@ _CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Experiment
 USER_ERRORS = (RunError, ValueError, KeyError, OSError, ImportError)
 
 
-def _show_esd_jax_logs() -> None:
+def _show_esd_jax_logs(*, main: bool) -> None:
+  """esd-jax's INFO lines on process 0; the other processes of a multi-process run say only what fails."""
   handler = std_logging.StreamHandler(sys.stderr)
   handler.setFormatter(std_logging.Formatter('%(levelname)s esd-jax: %(message)s'))
   log.addHandler(handler)
-  log.setLevel(std_logging.INFO)
+  log.setLevel(std_logging.INFO if main else std_logging.ERROR)
   log.propagate = False  # absl's handler on the root logger would print each line again
 
 
@@ -63,16 +64,15 @@ def main(argv):
     raise app.UsageError(f'Unknown command {command!r}; choose one of {sorted(commands.COMMANDS)}.')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # app.run raised it to INFO: the libraries' INFO logs only on request
-  _show_esd_jax_logs()
   config = _CONFIG.value
-  logging.info('esd-jax %s with config:\n%s', command, config)
   tracebacks = logging.get_verbosity() >= logging.INFO or os.environ.get('ESD_JAX_TRACEBACK') == '1'
   if not tracebacks:
     logging.get_absl_logger().addFilter(_DiskFullTracebacks())
   try:
     if 'mesh' in config and config.mesh.distributed:
-      import jax
-      jax.distributed.initialize()  # multi-host: every host runs this same command
+      distributed.initialize(config.mesh)  # every process runs this same command
+    _show_esd_jax_logs(main=distributed.is_main())
+    logging.info('esd-jax %s with config:\n%s', command, config)
     commands.run(command, config)
   except KeyboardInterrupt:
     if tracebacks:

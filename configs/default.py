@@ -58,7 +58,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh.data = -1
   config.mesh.fsdp = 1
   config.mesh.min_shard_size = 2 ** 18  # tensors smaller than this (elements) are replicated
-  config.mesh.distributed = False  # multi-host (TPU pod): call jax.distributed.initialize() first
+  # Several processes (the hosts of a TPU pod slice, or local processes; README "Running on several hosts"): every
+  # process runs the same command. Empty / 0 / -1 leave the coordinator, process count and id to JAX's cluster
+  # detection (Cloud TPU, SLURM, Open MPI) or its JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+  config.mesh.distributed = False  # True: jax.distributed.initialize() before anything else
+  config.mesh.coordinator_address = ''  # host:port of process 0
+  config.mesh.num_processes = 0
+  config.mesh.process_id = -1
+  config.mesh.initialization_timeout_s = 300  # how long a process waits for the others to start
+  config.mesh.heartbeat_timeout_s = 100  # a process silent this long counts as lost: the others stop with an error
 
   # The erased model: `erase` writes export.formats to workdir/erased; `export` writes them to workdir/export
   # for any ESD weights file (export.weights), `compare` renders original vs erased with the generate settings.

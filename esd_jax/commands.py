@@ -6,6 +6,7 @@ runs it. This is the top layer: it uses the ESD library (train, generate, loadin
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from esd_jax import images, validate
+from esd_jax import distributed, images, validate
 from esd_jax.generate import text_to_image
 from esd_jax.loading import load_model, model_path, unet_config
 from esd_jax.log import log
@@ -63,12 +64,15 @@ def generate(config: ml_collections.ConfigDict) -> Path:
   names = image_names(prompts)
   rows = []
   start = time.perf_counter()
-  for seed in tqdm(settings.seeds, desc='generate', unit='seed'):
+  main = distributed.is_main()  # several processes compute alike (each on its own devices); process 0 writes
+  for seed in tqdm(settings.seeds, desc='generate', unit='seed', disable=not main):
     batch, _ = text_to_image(pipe, prompts, seed=seed, **_sampling(settings))
     rows.append(np.asarray(batch))
-    for name, image in zip(names, rows[-1]):
+    for name, image in zip(names, rows[-1] if main else ()):
       images.save_png(image, out / f'{name}_seed{seed}.png')
   grid = [[rows[j][i] for j in range(len(settings.seeds))] for i in range(len(prompts))]
+  if not main:
+    return out / 'grid.png'
   path = images.save_grid(out / 'grid.png', grid, row_labels=prompts,
                           col_labels=[f'seed {s}' for s in settings.seeds], scale=max(1, 128 // grid[0][0].shape[0]))
   log.info('Wrote %d images and %s in %.1f s', len(prompts) * len(settings.seeds), path, time.perf_counter() - start)
@@ -91,21 +95,28 @@ def erase(config: ml_collections.ConfigDict):
   from esd_jax.train import run_erasure
 
   result = run_erasure(config)
+  # With several processes every one gathers the whole model (a collective); process 0 writes, the others wait.
+  result = dataclasses.replace(result, pipe=distributed.local_pipeline(result.pipe),
+                               trained=distributed.to_host(result.trained))
   out = Path(config.workdir) / 'erased'
   kwargs = dict(dtype=config.export.dtype, metadata=result.metadata)
+  main = distributed.is_main()
   if config.erase.separate_models:
     name = lambda m: f'{m:03d}-{_slug(result.model_concepts(m)[0].prompt)}'
     models = [(name(m), _describe(result, m), trained) for m, _, trained in result.models()]
     failed = [{**_describe(result, m), 'name': name(m), 'why': why} for m, why in sorted(result.failed.items())]
-    write_erased_models(result.pipe, models, out, config.export.formats, failed=failed, **kwargs)
-    print(f'{len(models)} erased models in {out} (manifest.json); {len(failed)} stopped')
+    if main:
+      write_erased_models(result.pipe, models, out, config.export.formats, failed=failed, **kwargs)
+      print(f'{len(models)} erased models in {out} (manifest.json); {len(failed)} stopped')
     erased = {name: (erased_pipeline(result.pipe, trained), [c['prompt']]) for name, c, trained in models}
   else:
-    for fmt, path in write_erased(result.pipe, result.trained, out, config.export.formats, **kwargs).items():
-      print(f'Erased model ({fmt}): {path}')
+    if main:
+      for fmt, path in write_erased(result.pipe, result.trained, out, config.export.formats, **kwargs).items():
+        print(f'Erased model ({fmt}): {path}')
     concepts = list(dict.fromkeys(c.prompt for c in result.concepts))  # "red" erased from several prompts: once
     erased = {'erased': (erased_pipeline(result.pipe, result.trained), concepts)}
-  if config.evaluate.classifier:
+  distributed.barrier('erase: exported')
+  if config.evaluate.classifier:  # every process samples its local copies alike; process 0 writes the report
     from esd_jax.shapes_world import measure
     evaluation = config.evaluate
     measure.measure_erasure(
@@ -155,6 +166,8 @@ def evaluate(config: ml_collections.ConfigDict) -> dict:
             'images_per_prompt': len(seeds), 'seconds': round(time.perf_counter() - start, 1),
             'per_prompt': measure.score(judge, prompts, generated)}
   workdir = Path(config.workdir)
+  if not distributed.is_main():  # several processes computed alike; process 0 writes
+    return report
   write_json(workdir / f'evaluate_{backend}.json', report)
   measure.comparison_grid(workdir / f'evaluate_{backend}.png', prompts, {backend: generated}, evaluation.grid_seeds)
   for prompt, r in report['per_prompt'].items():
@@ -180,6 +193,8 @@ def export(config: ml_collections.ConfigDict) -> dict:
   from convert.erased import write_erased
 
   weights = _weights(config)
+  if not distributed.is_main():  # process 0 writes
+    return {}
   paths = write_erased(load_model(config), weights, Path(config.workdir) / 'export', config.export.formats,
                        dtype=config.export.dtype, metadata={'weights': weights.source, **weights.metadata})
   for fmt, path in paths.items():
@@ -198,12 +213,15 @@ def compare(config: ml_collections.ConfigDict) -> Path:
   _warn_cut_prompts(pipe, prompts)
   models = {'original': pipe, 'erased': erased_pipeline(pipe, weights)}
   columns, labels = [], []
-  for seed in tqdm(settings.seeds, desc='compare', unit='seed'):
+  main = distributed.is_main()  # several processes compute alike; process 0 writes
+  for seed in tqdm(settings.seeds, desc='compare', unit='seed', disable=not main):
     for name, model in models.items():
       batch, _ = text_to_image(model, prompts, seed=seed, **_sampling(settings))
       columns.append(np.asarray(batch))
       labels.append(f'{name} {seed}')
   rows = [[column[i] for column in columns] for i in range(len(prompts))]
+  if not main:
+    return Path(config.workdir) / 'compare' / 'grid.png'
   path = images.save_grid(Path(config.workdir) / 'compare' / 'grid.png', rows, row_labels=prompts,
                           col_labels=labels, scale=max(1, 128 // rows[0][0].shape[0]))
   print(f'Original vs erased ({weights.source}): {path}')
@@ -218,6 +236,8 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
 
   unet = unet_config(config.model, config.workdir, prediction_type=config.prediction_type or None)
   info = summary(param_shapes(build_abstract(unet)), config.erase.method, config.erase.patterns)
+  if not distributed.is_main():
+    return info
   print(f'model            {config.model}')
   print(f'method           {config.erase.method}')
   print(f'trained tensors  {info["tensors"]:,} of {info["total_tensors"]:,}')
@@ -249,4 +269,6 @@ def run(command: str, config: ml_collections.ConfigDict):
   if command not in COMMANDS:
     raise validate.ConfigError(f'Unknown command {command!r}; choose one of {sorted(COMMANDS)}.')
   validate.check(config, command)
-  return COMMANDS[command](config)
+  result = COMMANDS[command](config)
+  distributed.barrier(f'{command}: done')  # no process leaves while process 0 still writes
+  return result

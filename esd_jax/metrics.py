@@ -13,14 +13,17 @@ from esd_jax.log import log
 
 class MetricsLog:
   """Appends records to a JSON-lines file; `open(resume_step)` first keeps only the lines a resumed run has
-  already made (up to resume_step), rewritten atomically. A line that is not complete JSON (the torn last line a
+  already made (up to resume_step), rewritten atomically (by process 0 alone: `enabled`). A line that is not complete JSON (the torn last line a
   full disk or a kill leaves) is dropped with a warning."""
 
-  def __init__(self, path: Path):
+  def __init__(self, path: Path, *, enabled: bool = True):
     self.path = path
+    self.enabled = enabled  # False on every process but process 0 of a multi-process run
     self._file = None
 
   def open(self, resume_step: int) -> None:
+    if not self.enabled:
+      return
     kept = []
     if self.path.exists():
       for n, line in enumerate(self.path.read_text(encoding='utf-8', errors='replace').splitlines(), 1):
@@ -39,6 +42,8 @@ class MetricsLog:
       raise self._error(e) from e
 
   def write(self, record: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
     try:
       self._file.write(json.dumps(record) + '\n')
     except OSError as e:

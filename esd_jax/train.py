@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from esd_jax import esd, methods, sharding
+from esd_jax import distributed, esd, methods, sharding
 from esd_jax.checkpoints import Checkpoints
 from esd_jax.concepts import Concept, ConceptError, by_prompt
 from esd_jax.concepts import of_config as concepts_of
@@ -163,7 +163,7 @@ def _fingerprint(frozen: dict[str, jax.Array], keys: list[str]) -> str:
   """Identifies the base weights a run trains, cheaply: per trained tensor, its float64 sum and sum of squares."""
   digest = hashlib.sha256()
   for k in keys:
-    x = np.asarray(frozen[k], np.float64)
+    x = np.asarray(distributed.to_host(frozen[k]), np.float64)  # one tensor at a time, gathered from every process
     digest.update(f'{k}:{x.shape}:{x.sum():.17g}:{np.square(x).sum():.17g};'.encode())
   return digest.hexdigest()[:16]
 
@@ -243,7 +243,7 @@ def one_model(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) -> Mod
   # A copy, not the frozen arrays themselves: the train state is donated to each step.
   trained = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=trained_sh)(setup.base)
   state, state_sh = setup.initial_state(trained, trained_sh, functools.partial(esd.init_state, tx=tx))
-  prompts = jax.device_put(setup.prompts, sharding.replicated(mesh))
+  prompts = jax.device_put(jax.device_get(setup.prompts), sharding.replicated(mesh))
   batch_sh = sharding.batch_sharding(mesh, train.batch_size, 4 + (per_step > 1), batch_axis=int(per_step > 1))
   draws_sh = esd.Draws(batch_sh, *[sharding.replicated(mesh)] * 3)
   base_key = jax.random.key(train.seed)
@@ -266,7 +266,7 @@ def separate_models(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) 
   would: trained tensors and Adam state stacked on a leading axis split over the mesh's `concept` axis."""
   mesh, n_models = setup.mesh, len(plan.groups)
   shared, split = sharding.replicated(mesh), sharding.over_models(mesh)
-  prompts = esd.per_model(setup.prompts, plan.groups)
+  prompts = jax.device_get(esd.per_model(setup.prompts, plan.groups))
   prompts = jax.device_put(prompts, esd.Prompts(jax.tree.map(lambda _: shared, prompts.uncond),
                                                 *[jax.tree.map(lambda _: split, f) for f in prompts[1:]]))
   trained_sh = {k: sharding.stacked(setup.frozen_sharding[k]) for k in setup.keys}
@@ -276,7 +276,7 @@ def separate_models(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) 
   # Adam's state does not depend on the learning rate: each model's own is passed to the step.
   init = jax.vmap(functools.partial(esd.init_state, tx=esd.optimizer(plan.learning_rates[0])))
   state, state_sh = setup.initial_state(trained, trained_sh, init)
-  rates = jax.device_put(jnp.asarray(plan.learning_rates, jnp.float32), split)
+  rates = jax.device_put(np.asarray(plan.learning_rates, np.float32), split)
   seeds, sizes = jnp.arange(n_models) + train.seed, jnp.asarray([len(g) for g in plan.groups])
 
   def draw_all(i):
@@ -327,16 +327,12 @@ def set_up(config: ml_collections.ConfigDict, plan: Plan, pipe: StableDiffusion 
 
 
 def _record(i: int, plan: Plan, draws: esd.Draws, losses: np.ndarray, seconds: float) -> dict:
-  """The metrics line of iteration i + 1: losses and what was drawn (per model with separate models)."""
-  record = {'step': i + 1, 'seconds': seconds, 'draw_step': np.asarray(draws.step).tolist(),
-            't': np.asarray(draws.t).tolist()}
-  drawn = np.asarray(draws.concept)
-  if plan.separate:
-    record.update(loss=losses.tolist(),
-                  concept=[plan.concepts[group[c]].prompt for group, c in zip(plan.groups, drawn.tolist())])
-  else:
-    record.update(loss=float(losses[0]), concept=[plan.concepts[c].prompt for c in drawn.reshape(-1)])
-  return record
+  """The metrics line of iteration i + 1: the loss(es) and, for one model, what was drawn."""
+  if plan.separate:  # the models' draws lie on their own devices (maybe other processes'): losses only
+    return {'step': i + 1, 'loss': losses.tolist(), 'seconds': seconds}
+  return {'step': i + 1, 'loss': float(losses[0]), 'seconds': seconds, 'draw_step': np.asarray(draws.step).tolist(),
+          't': np.asarray(draws.t).tolist(),
+          'concept': [plan.concepts[c].prompt for c in np.asarray(draws.concept).reshape(-1)]}
 
 
 def _stop_failed(i: int, plan: Plan, losses, active, stepped, failed: dict[int, str], checkpoints: Checkpoints):
@@ -366,12 +362,13 @@ def run_erasure(config: ml_collections.ConfigDict, pipe: StableDiffusion | None 
   run_start = time.perf_counter()
   workdir = Path(config.workdir)
   plan = plan_run(config)
-  with lock_workdir(workdir, 'erase'):
+  # One run per workdir: process 0 holds the lock for all (the others share the workdir, as orbax does).
+  with lock_workdir(workdir, 'erase') if distributed.is_main() else contextlib.nullcontext():
     pipe, setup, metadata = set_up(config, plan, pipe)
     build = separate_models if plan.separate else one_model
     models = build(setup, plan, config.train)
     checkpoints = Checkpoints(workdir / 'checkpoints', keep=config.checkpoint.keep)
-    metrics = MetricsLog(workdir / 'metrics.jsonl')
+    metrics = MetricsLog(workdir / 'metrics.jsonl', enabled=distributed.is_main())
     try:
       restored = checkpoints.restore(models.state, models.state_sharding, metadata)
       metadata = restored.metadata
@@ -412,13 +409,31 @@ def _stop_requests() -> Iterator[threading.Event]:
     signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def _collectives_failing(checkpoints: Checkpoints, iteration: Callable[[], int]) -> Iterator[None]:
+  """In a multi-process run, a runtime error of JAX's is almost always a collective whose peer has gone (a process
+  killed, a host lost): say so, with the way back (JAX's coordination service then names the lost process as it
+  shuts down)."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    first = str(e).strip().splitlines()[0][:300]
+    raise RunError(f'Iteration {iteration() + 1}: a collective across the {jax.process_count()} processes failed '
+                   f'({first}). Another process of this run has most likely stopped: see its log, then start every '
+                   f'process again with the same command; the run resumes from the last checkpoint in '
+                   f'{checkpoints.directory}.') from e
+
+
 def _loop(plan: Plan, models: Models, state, failed, start: int, checkpoints: Checkpoints, metrics: MetricsLog,
           metadata: dict, *, every: int, progress: bool):
   """Iterations start … plan.total: draws, step, metrics, a checkpoint every `every` and at the end (and when
   Ctrl-C asks the run to stop)."""
   bar = tqdm(range(start, plan.total), initial=start, total=plan.total, desc='erase', unit='it',
-             disable=not progress)
-  with _stop_requests() as stop, contextlib.closing(bar):
+             disable=not (progress and distributed.is_main()))
+  i = start
+  with _stop_requests() as stop, contextlib.closing(bar), _collectives_failing(checkpoints, lambda: i):
     for i in bar:
       draws = models.draw(i)
       # A model trains until its own iteration count, unless stopped for a non-finite loss.

@@ -144,6 +144,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     'mesh.fsdp': _devices(),
     'mesh.min_shard_size': _whole(0),
     'mesh.distributed': _flag(),
+    'mesh.coordinator_address': _text(),
+    'mesh.num_processes': _whole(0),
+    'mesh.process_id': _whole(-1),
+    'mesh.initialization_timeout_s': _whole(1),
+    'mesh.heartbeat_timeout_s': _whole(1),
 
     'export.formats': _subset(_formats),
     'export.dtype': _one_of(_export_dtypes),

@@ -18,7 +18,7 @@ LOCK_NAME = '.lock'
 def ensure_writable(workdir: Path) -> None:
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / '.write-test'
+    probe = workdir / f'.write-test-{os.getpid()}'  # per process: several may share the workdir
     probe.write_text('ok')
     probe.unlink()
   except OSError as e:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from esd_jax import images, shapes_world
+from esd_jax import distributed, images, shapes_world
 from esd_jax.files import write_json
 from esd_jax.shapes_world import classifier as judge
 from esd_jax.shapes_world import world
@@ -47,7 +47,8 @@ def generate_jax(pipe: StableDiffusion, prompts: Sequence[str], seeds: Sequence[
   noise = initial_latents((h, w, pipe.unet.config['in_channels']), seeds)
   jobs = [(p, j) for p in prompts for j in range(len(seeds))]
   out = []
-  for i in tqdm(range(0, len(jobs), sampling.batch_size), desc=desc, unit='batch', leave=False):
+  for i in tqdm(range(0, len(jobs), sampling.batch_size), desc=desc, unit='batch', leave=False,
+                disable=not distributed.is_main()):
     chunk = jobs[i:i + sampling.batch_size]
     pad = sampling.batch_size - len(chunk) if len(jobs) > sampling.batch_size else 0
     chunk = chunk + chunk[:1] * pad  # one compiled shape for every batch
@@ -167,6 +168,8 @@ def measure_erasure(workdir: Path, judge_model: judge.ShapesClassifier, prompts:
                  for name, (_, concepts) in erased.items()},
       'original': {'per_prompt': reports['original']},
   }
+  if not distributed.is_main():  # the other processes of a multi-process run computed the same
+    return report
   write_json(workdir / 'report.json', report)
   grid = comparison_grid(workdir / 'erasure.png', prompts, generated, grid_seeds)
   for name, model_summaries in summaries.items():

@@ -1,0 +1,66 @@
+"""Several processes (the hosts of a TPU pod slice, or local processes) running one program: multi-controller JAX.
+
+Every process runs the same command on the same config; `main.py` calls `initialize` first when
+`mesh.distributed` is set. The rules the rest of esd-jax follows: a value a process cannot address is gathered
+(`to_host`, a collective every process calls) or computed on the devices first; files are written by process 0
+(`is_main`) while the others wait at a `barrier` (orbax checkpoints are written by all, cooperatively); logs and
+progress bars come from process 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from esd_jax.pipeline import StableDiffusion
+
+
+def initialize(mesh: ml_collections.ConfigDict) -> None:
+  """jax.distributed.initialize with the config's coordinator, process count and id; empty / 0 / -1 leave each to
+  JAX's cluster detection (Cloud TPU, SLURM, Open MPI) or its JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID variables. A process that stops heartbeating for mesh.heartbeat_timeout_s makes the others fail
+  instead of waiting."""
+  jax.distributed.initialize(
+      coordinator_address=mesh.coordinator_address or None,
+      num_processes=mesh.num_processes or None,
+      process_id=None if mesh.process_id < 0 else mesh.process_id,
+      initialization_timeout=mesh.initialization_timeout_s,
+      heartbeat_timeout_seconds=mesh.heartbeat_timeout_s)
+
+
+def is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process gets here (a no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree):
+  """The whole value of every array in `tree` as numpy, on every process; with several processes a collective
+  that every process must call (each contributes the shards it holds)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), tree)
+
+
+def local_pipeline(pipe: StableDiffusion) -> StableDiffusion:
+  """`pipe` with every parameter gathered onto this process's default device (a collective with several
+  processes): what a process needs to write or sample the whole model on its own."""
+  if jax.process_count() == 1:
+    return pipe
+  gathered = {}
+  for name in ('unet', 'vae', 'text_encoder', 'text_encoder_2'):
+    module = getattr(pipe, name)
+    if module is not None:
+      graphdef, state = nnx.split(module)
+      gathered[name] = nnx.merge(graphdef, jax.tree.map(jnp.asarray, to_host(state)))
+  return dataclasses.replace(pipe, **gathered)

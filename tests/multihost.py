@@ -1,0 +1,61 @@
+"""Local processes standing for the hosts of a pod: `main.py` started N times on 127.0.0.1 (jax.distributed, gloo
+collectives on CPU), each with its own emulated CPU devices, under one deadline; if one fails or time runs out all
+are killed, and the error shows every process's log."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def env(devices: int) -> dict:
+  return {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'JAX_PLATFORMS': 'cpu'}
+
+
+def main_py(args, *, devices: int, cwd, timeout: float = 600) -> subprocess.CompletedProcess:
+  """One process with `devices` devices: the reference a multi-process run is compared with."""
+  result = subprocess.run([sys.executable, str(ROOT / 'main.py'), *args], env=env(devices), cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result
+
+
+def launch(args, *, processes: int, devices: int, cwd, timeout: float = 600) -> list[tuple[int, str, str]]:
+  """Runs `main.py args` as `processes` processes of one run; returns (exit code, stdout, stderr) of each."""
+  port = free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, str(ROOT / 'main.py'), *args, '--config.mesh.distributed=True',
+       f'--config.mesh.coordinator_address=127.0.0.1:{port}', f'--config.mesh.num_processes={processes}',
+       f'--config.mesh.process_id={i}'], env=env(devices), cwd=cwd, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True, start_new_session=True) for i in range(processes)]
+  deadline = time.time() + timeout
+  try:
+    logs = [p.communicate(timeout=max(1, deadline - time.time())) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, logs)]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      os.killpg(p.pid, signal.SIGKILL)
+    logs = [p.communicate() for p in procs]
+    raise AssertionError(f'{processes} processes still running after {timeout} s:\n' + '\n'.join(
+        f'--- process {i} ---\n{err[-3000:]}' for i, (_, err) in enumerate(logs))) from None
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+
+
+def check_all_succeeded(results) -> None:
+  failed = [i for i, (code, _, _) in enumerate(results) if code != 0]
+  assert not failed, '\n'.join(f'--- process {i} (exit {code}) ---\n{err[-3000:]}'
+                               for i, (code, _, err) in enumerate(results))
