@@ -45,11 +45,13 @@ def barrier(name: str) -> None:
 
 
 def to_host(tree):
-  """The whole value of every array in `tree` as numpy, on every process; with several processes a collective
-  that every process must call (each contributes the shards it holds)."""
-  if jax.process_count() == 1:
-    return jax.device_get(tree)
-  return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), tree)
+  """The whole value of every array in `tree` as numpy, on every process. An array that spans several processes
+  is gathered: a collective that every process must call (each contributes the shards it holds)."""
+  def one(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(a)
+  return jax.tree.map(one, tree)
 
 
 def local_pipeline(pipe: StableDiffusion) -> StableDiffusion:

@@ -71,7 +71,7 @@ def test_separate_models_one_per_process_equal_one_process(model, tmp_path):
 
 def test_a_lost_process_stops_the_other(model, tmp_path):
   args = _erase(model, tmp_path / 'run', '--config.mesh.data=1', '--config.mesh.fsdp=4',
-                '--config.mesh.heartbeat_timeout_s=5', '--config.train.iterations=2000')
+                '--config.mesh.heartbeat_timeout_s=15', '--config.train.iterations=2000')
   procs, port = [], free_port()
   for i in range(2):
     procs.append(subprocess.Popen(
@@ -89,8 +89,12 @@ def test_a_lost_process_stops_the_other(model, tmp_path):
     _, stderr = procs[0].communicate(timeout=120)
     assert procs[0].returncode != 0
     assert time.time() - lost < 60, 'the surviving process took too long to stop'
-    assert 'a collective across the 2 processes failed' in stderr, stderr[-3000:]
-    assert 'Task 1 heartbeat timeout' in stderr, stderr[-3000:]  # JAX's coordination service names the lost one
+    # Either the failed collective surfaces first (esd-jax's message), or JAX's coordination service, which lives in
+    # process 0, finds process 1 silent for mesh.heartbeat_timeout_s and ends process 0 with its own fatal error
+    # (which of the two comes first depends on timing; under load both were seen).
+    lines = '\n'.join(line for line in stderr.splitlines() if 'erase:' not in line)
+    assert ('a collective across the 2 processes failed' in stderr
+            or 'the JAX distributed service detected fatal errors' in stderr), lines[:3000]
   finally:
     for p in procs:
       if p.poll() is None:
