@@ -97,7 +97,7 @@ def erase(config: ml_collections.ConfigDict):
   result = run_erasure(config)
   # With several processes every one gathers the whole model (a collective); process 0 writes, the others wait.
   result = dataclasses.replace(result, pipe=distributed.local_pipeline(result.pipe),
-                               trained=distributed.to_host(result.trained))
+                               trained=distributed.gather(result.trained))
   out = Path(config.workdir) / 'erased'
   kwargs = dict(dtype=config.export.dtype, metadata=result.metadata)
   main = distributed.is_main()
@@ -108,16 +108,18 @@ def erase(config: ml_collections.ConfigDict):
     if main:
       write_erased_models(result.pipe, models, out, config.export.formats, failed=failed, **kwargs)
       print(f'{len(models)} erased models in {out} (manifest.json); {len(failed)} stopped')
-    erased = {name: (erased_pipeline(result.pipe, trained), [c['prompt']]) for name, c, trained in models}
+    measured = [(name, trained, [c['prompt']]) for name, c, trained in models]
   else:
     if main:
       for fmt, path in write_erased(result.pipe, result.trained, out, config.export.formats, **kwargs).items():
         print(f'Erased model ({fmt}): {path}')
     concepts = list(dict.fromkeys(c.prompt for c in result.concepts))  # "red" erased from several prompts: once
-    erased = {'erased': (erased_pipeline(result.pipe, result.trained), concepts)}
+    measured = [('erased', result.trained, concepts)]
   distributed.barrier('erase: exported')
   if config.evaluate.classifier:  # every process samples its local copies alike; process 0 writes the report
     from esd_jax.shapes_world import measure
+    # A whole erased UNet per model: built only to be measured.
+    erased = {name: (erased_pipeline(result.pipe, trained), concepts) for name, trained, concepts in measured}
     evaluation = config.evaluate
     measure.measure_erasure(
         Path(config.workdir), measure.load_judge(evaluation.classifier), list(evaluation.prompts),

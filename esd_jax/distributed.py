@@ -2,7 +2,7 @@
 
 Every process runs the same command on the same config; `main.py` calls `initialize` first when
 `mesh.distributed` is set. The rules the rest of esd-jax follows: a value a process cannot address is gathered
-(`to_host`, a collective every process calls) or computed on the devices first; files are written by process 0
+(`gather`, a collective every process calls) or computed on the devices first; files are written by process 0
 (`is_main`) while the others wait at a `barrier` (orbax checkpoints are written by all, cooperatively); logs and
 progress bars come from process 0.
 """
@@ -44,9 +44,13 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def to_host(tree):
-  """The whole value of every array in `tree` as numpy, on every process. An array that spans several processes
-  is gathered: a collective that every process must call (each contributes the shards it holds)."""
+def gather(tree):
+  """Every array of `tree` whole on this process: with one process the tree as it is (on its devices); with
+  several, each array as numpy, those that span processes gathered (a collective every process must call, each
+  contributing the shards it holds)."""
+  if jax.process_count() == 1:
+    return tree
+
   def one(a):
     if isinstance(a, jax.Array) and not a.is_fully_addressable:
       return np.asarray(multihost_utils.process_allgather(a, tiled=True))
@@ -64,5 +68,5 @@ def local_pipeline(pipe: StableDiffusion) -> StableDiffusion:
     module = getattr(pipe, name)
     if module is not None:
       graphdef, state = nnx.split(module)
-      gathered[name] = nnx.merge(graphdef, jax.tree.map(jnp.asarray, to_host(state)))
+      gathered[name] = nnx.merge(graphdef, jax.tree.map(jnp.asarray, gather(state)))
   return dataclasses.replace(pipe, **gathered)

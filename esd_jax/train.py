@@ -163,7 +163,7 @@ def _fingerprint(frozen: dict[str, jax.Array], keys: list[str]) -> str:
   """Identifies the base weights a run trains, cheaply: per trained tensor, its float64 sum and sum of squares."""
   digest = hashlib.sha256()
   for k in keys:
-    x = np.asarray(distributed.to_host(frozen[k]), np.float64)  # one tensor at a time, gathered from every process
+    x = np.asarray(distributed.gather(frozen[k]), np.float64)  # one tensor at a time, gathered from every process
     digest.update(f'{k}:{x.shape}:{x.sum():.17g}:{np.square(x).sum():.17g};'.encode())
   return digest.hexdigest()[:16]
 
@@ -243,7 +243,7 @@ def one_model(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) -> Mod
   # A copy, not the frozen arrays themselves: the train state is donated to each step.
   trained = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=trained_sh)(setup.base)
   state, state_sh = setup.initial_state(trained, trained_sh, functools.partial(esd.init_state, tx=tx))
-  prompts = jax.device_put(distributed.to_host(setup.prompts), sharding.replicated(mesh))
+  prompts = jax.device_put(distributed.gather(setup.prompts), sharding.replicated(mesh))
   batch_sh = sharding.batch_sharding(mesh, train.batch_size, 4 + (per_step > 1), batch_axis=int(per_step > 1))
   draws_sh = esd.Draws(batch_sh, *[sharding.replicated(mesh)] * 3)
   base_key = jax.random.key(train.seed)
@@ -266,7 +266,7 @@ def separate_models(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) 
   would: trained tensors and Adam state stacked on a leading axis split over the mesh's `concept` axis."""
   mesh, n_models = setup.mesh, len(plan.groups)
   shared, split = sharding.replicated(mesh), sharding.over_models(mesh)
-  prompts = distributed.to_host(esd.per_model(setup.prompts, plan.groups))
+  prompts = distributed.gather(esd.per_model(setup.prompts, plan.groups))
   prompts = jax.device_put(prompts, esd.Prompts(jax.tree.map(lambda _: shared, prompts.uncond),
                                                 *[jax.tree.map(lambda _: split, f) for f in prompts[1:]]))
   trained_sh = {k: sharding.stacked(setup.frozen_sharding[k]) for k in setup.keys}
