@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from esd_jax import commands, distributed
 from esd_jax.errors import RunError
+from esd_jax.files import is_disk_full, says_disk_full
 from esd_jax.log import log
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.py')
@@ -48,8 +49,7 @@ class _DiskFullTracebacks(std_logging.Filter):
   path and the fix."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else '')
-    return not ('RESOURCE_EXHAUSTED' in text or 'No space left on device' in text)
+    return not (says_disk_full(record.getMessage()) or (record.exc_info and is_disk_full(record.exc_info[1])))
 
 
 def _message(error: BaseException) -> str:

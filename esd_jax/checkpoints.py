@@ -65,16 +65,15 @@ class Checkpoints:
       raise RunError(f'{self.directory} holds checkpoints of a different run ({lines}). Resuming would mix two '
                      'erasures: use another --config.workdir, or delete the checkpoints to start over.')
     changes = list(run.get('learning_rate_changes', []))
-    change = None
-    rates = ('learning_rate', 'concept_learning_rate')
-    if any(run.get(k) != metadata[k] for k in rates):
-      change = {'step': step, **{k: {'was': run.get(k), 'now': metadata[k]} for k in rates
-                                 if run.get(k) != metadata[k]}}
+    changed = {k: {'was': run.get(k), 'now': metadata[k]} for k in ('learning_rate', 'concept_learning_rate')
+               if run.get(k) != metadata[k]}
+    change = {'step': step, **changed} if changed else None
+    if change:
       changes.append(change)
       log.warning('Resuming from step %d with a new learning rate (%s); Adam\'s moments carry over.', step,
-                  ', '.join(f'{k} {v["was"]} → {v["now"]}' for k, v in change.items() if k != 'step'))
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), jax.eval_shape(
-        lambda: initial_state), state_sharding)
+                  ', '.join(f'{k} {v["was"]} → {v["now"]}' for k, v in changed.items()))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), initial_state,
+                          state_sharding)
     state = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
     log.info('Resumed from step %d of %s', step, self.directory)
     return Restored(state, {int(k): v for k, v in saved['failed'].items()}, step,

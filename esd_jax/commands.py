@@ -19,16 +19,13 @@ from esd_jax import distributed, images, validate
 from esd_jax.generate import text_to_image
 from esd_jax.loading import load_model, model_path, unet_config
 from esd_jax.log import log
-from esd_jax.tokenizer import tokens_dropped
-
-COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
+from esd_jax.tokenizer import warn_if_cut
 
 def _sampling(generate_settings: ml_collections.ConfigDict) -> dict:
   """text_to_image settings from the config's generate section."""
   g = generate_settings
   return dict(negative_prompt=g.negative_prompt, guidance_scale=g.guidance_scale, num_inference_steps=g.steps,
-              height=g.height or None, width=g.width or None, eta=g.eta, dtype=COMPUTE_DTYPES[g.dtype],
+              height=g.height or None, width=g.width or None, eta=g.eta, dtype=jnp.dtype(g.dtype),
               scheduler=None if g.scheduler == 'config' else g.scheduler)
 
 
@@ -47,20 +44,13 @@ def image_names(prompts: list[str]) -> list[str]:
   return names
 
 
-def _warn_cut_prompts(pipe, prompts) -> None:
-  for prompt, dropped in zip(prompts, tokens_dropped(pipe.tokenizer, prompts)):
-    if dropped:
-      log.warning('The prompt %r is %d tokens longer than the text encoder reads (%d tokens): the end is cut.',
-                  prompt, dropped, pipe.tokenizer.model_max_length)
-
-
 def generate(config: ml_collections.ConfigDict) -> Path:
   """Writes one PNG per prompt and seed, and a grid (rows: prompts, columns: seeds), to workdir/generate."""
   settings = config.generate
   prompts = list(settings.prompts)
   out = Path(config.workdir) / 'generate'
   pipe = load_model(config)
-  _warn_cut_prompts(pipe, prompts)
+  warn_if_cut(pipe.tokenizer, prompts)
   names = image_names(prompts)
   rows = []
   start = time.perf_counter()
@@ -212,7 +202,7 @@ def compare(config: ml_collections.ConfigDict) -> Path:
   prompts = list(settings.prompts)
   weights = _weights(config)
   pipe = load_model(config)
-  _warn_cut_prompts(pipe, prompts)
+  warn_if_cut(pipe.tokenizer, prompts)
   models = {'original': pipe, 'erased': erased_pipeline(pipe, weights)}
   columns, labels = [], []
   main = distributed.is_main()  # several processes compute alike; process 0 writes

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import zipfile
 import shutil
 import struct
@@ -75,15 +76,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def says_disk_full(text: str) -> bool:
+  """Whether an error's text says the disk or quota is full (orbax/tensorstore: RESOURCE_EXHAUSTED)."""
+  return any(words in text for words in ('RESOURCE_EXHAUSTED', 'No space left on device', 'Disk quota exceeded'))
+
+
 def is_disk_full(error: BaseException) -> bool:
-  """Whether `error` (or an exception it was raised from) says the disk or quota is full; orbax/tensorstore
-  report it as RESOURCE_EXHAUSTED."""
+  """Whether `error` (or an exception it was raised from) says the disk or quota is full."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-      return True
-    if any(text in str(error) for text in ('RESOURCE_EXHAUSTED', 'No space left on device', 'Disk quota exceeded')):
+    if (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or says_disk_full(str(error)):
       return True
     error = error.__cause__ or error.__context__
   return False
@@ -231,7 +234,6 @@ def load_torch_checkpoint(path: Path, what: str = 'Reading a pickled PyTorch che
   except pickle.UnpicklingError as e:
     # torch's own text suggests weights_only=False, which runs the file's code: not advice to pass on about
     # a file of unknown origin. Only the name of the global it refused is kept (and not chained: `from None`).
-    import re
     found = re.search(r'GLOBAL ([\w.]+)', str(e))
     refused = f' (such as {found[1]})' if found else ''
     raise ValueError(f'{path}: holds pickled Python objects besides tensors{refused}. esd-jax does not execute '

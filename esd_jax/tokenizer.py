@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from esd_jax.files import atomic_path
+from esd_jax.log import log
 
 BOS, EOS = '<|startoftext|>', '<|endoftext|>'
 
@@ -102,10 +103,13 @@ def tokenize(tokenizer, prompts: list[str]):
                    return_tensors='np').input_ids
 
 
-def tokens_dropped(tokenizer, prompts: list[str]) -> list[int]:
-  """Per prompt, how many of its tokens `tokenize` cuts off (0 when it fits the tokenizer's length)."""
-  ids = tokenizer(list(prompts), truncation=False, verbose=False).input_ids
-  return [max(0, len(i) - tokenizer.model_max_length) for i in ids]
+def warn_if_cut(tokenizer, prompts: list[str]) -> None:
+  """Logs each prompt that `tokenize` cuts: one longer than the text encoder reads."""
+  limit = tokenizer.model_max_length
+  for prompt, ids in zip(prompts, tokenizer(list(prompts), truncation=False, verbose=False).input_ids):
+    if len(ids) > limit:
+      log.warning('The prompt %r is %d tokens longer than the text encoder reads (%d tokens): the end is cut.',
+                  prompt, len(ids) - limit, limit)
 
 
 def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:

@@ -38,7 +38,7 @@ from esd_jax.log import log
 from esd_jax.metrics import MetricsLog
 from esd_jax.models.state_dict import split_flat
 from esd_jax.pipeline import StableDiffusion
-from esd_jax.tokenizer import tokens_dropped
+from esd_jax.tokenizer import warn_if_cut
 from esd_jax.workdir import lock_workdir
 
 
@@ -140,10 +140,7 @@ def encode_concepts(pipe: StableDiffusion, concepts: list[Concept], negative_gui
   """Text conditioning of the empty prompt, the concepts and their erase_from prompts, computed once."""
   size = dict(height=height, width=width)
   has_from = [bool(c.erase_from) for c in concepts]
-  texts = [c.prompt for c in concepts] + [c.erase_from for c in concepts if c.erase_from]
-  for text, dropped in zip(texts, tokens_dropped(pipe.tokenizer, texts)):
-    if dropped:
-      log.warning('The prompt %r is %d tokens longer than the text encoder reads: the end is cut.', text, dropped)
+  warn_if_cut(pipe.tokenizer, [c.prompt for c in concepts] + [c.erase_from for c in concepts if c.erase_from])
   student = None
   if any(has_from):
     student = encode_prompts(pipe, [c.erase_from or c.prompt for c in concepts], **size)

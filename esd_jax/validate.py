@@ -24,7 +24,7 @@ from typing import Any
 from esd_jax.concepts import ConceptError, of_config
 from esd_jax.methods import method_names
 
-COMPUTE_DTYPES = ('float32', 'bfloat16')  # the keys of esd_jax.commands.COMPUTE_DTYPES
+COMPUTE_DTYPES = ('float32', 'bfloat16')  # what the models compute in (parameters stay float32)
 
 
 class ConfigError(ValueError):
