@@ -1,9 +1,10 @@
 """esd-jax command line.
 
-    python main.py [COMMAND] [--config=configs/FILE.py] [--config.FIELD=VALUE ...] [--verbosity=0|1]
+    python main.py [COMMAND ...] [--config=configs/FILE.py] [--config.FIELD=VALUE ...] [--verbosity=0|1]
 
 COMMAND is one of esd_jax.commands.COMMANDS (default: erase, which on the default config erases "circle" from
-the shipped shapes-world model and measures it). Each command reads its section of an ml_collections config
+the shipped shapes-world model and measures it); several run one after the other on the same config (`erase
+compare`), each checked before the first starts, so a pod pays its start-up once. Each command reads its section of an ml_collections config
 (`configs/*.py`, a `get_config()` per file); any field can be overridden on the command line, and a field that
 does not exist is an error.
 
@@ -57,11 +58,11 @@ def _message(error: BaseException) -> str:
 
 
 def main(argv):
-  if len(argv) > 2:
-    raise app.UsageError(f'Expected at most one command, got {argv[1:]}.')
-  command = argv[1] if len(argv) > 1 else 'erase'
-  if command not in commands.COMMANDS:
-    raise app.UsageError(f'Unknown command {command!r}; choose one of {sorted(commands.COMMANDS)}.')
+  names = argv[1:] or ['erase']
+  unknown = [name for name in names if name not in commands.COMMANDS]
+  if unknown:
+    raise app.UsageError(f'Unknown command {unknown[0]!r}; choose from {sorted(commands.COMMANDS)}.')
+  command = ' '.join(names)
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # app.run raised it to INFO: the libraries' INFO logs only on request
   config = _CONFIG.value
@@ -73,7 +74,7 @@ def main(argv):
       distributed.initialize(config.mesh)  # every process runs this same command
     _show_esd_jax_logs(main=distributed.is_main())
     logging.info('esd-jax %s with config:\n%s', command, config)
-    commands.run(command, config)
+    commands.run(names, config)
   except KeyboardInterrupt:
     if tracebacks:
       raise

@@ -117,7 +117,7 @@ def erase(config: ml_collections.ConfigDict):
         grid_seeds=evaluation.grid_seeds, run={
             'model': str(config.model), 'method': config.erase.method, 'convention': config.erase.convention,
             'negative_guidance': config.erase.negative_guidance, 'iterations': config.train.iterations,
-            'learning_rate': config.train.learning_rate, 'seconds': result.metadata.get('seconds')})
+            'learning_rate': config.train.learning_rate, 'seconds': result.seconds})
   return result
 
 
@@ -256,11 +256,14 @@ COMMANDS = {'erase': erase, 'generate': generate, 'evaluate': evaluate, 'train_w
             'dry_run': dry_run, 'export': export, 'compare': compare}
 
 
-def run(command: str, config: ml_collections.ConfigDict):
-  """Checks `config` for `command`, then runs it."""
-  if command not in COMMANDS:
-    raise validate.ConfigError(f'Unknown command {command!r}; choose one of {sorted(COMMANDS)}.')
-  validate.check(config, command)
-  result = COMMANDS[command](config)
-  distributed.barrier(f'{command}: done')  # no process leaves while process 0 still writes
-  return result
+def run(names: str | list[str], config: ml_collections.ConfigDict) -> list:
+  """Checks `config` for every command of `names` (one name or several), then runs them in order; returns each
+  one's result."""
+  names = [names] if isinstance(names, str) else list(names)
+  for name in names:
+    validate.check(config, name)  # an unknown name too
+  results = []
+  for name in names:
+    results.append(COMMANDS[name](config))
+    distributed.barrier(f'{name}: done')  # no process goes on while process 0 still writes
+  return results

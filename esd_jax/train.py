@@ -59,6 +59,7 @@ class Erased:
   groups: list[list[int]]
   learning_rates: list[float]
   iterations: list[int]
+  seconds: float  # the run's wall time; not in metadata, which goes into the weight files (kept reproducible)
   failed: dict[int, str] = dataclasses.field(default_factory=dict)
 
   def model_concepts(self, m: int) -> list[Concept]:
@@ -379,8 +380,7 @@ def run_erasure(config: ml_collections.ConfigDict, pipe: StableDiffusion | None 
       checkpoints.close()
   return Erased(trained=dict(state.trained), workdir=workdir, pipe=pipe, concepts=plan.concepts, groups=plan.groups,
                 learning_rates=plan.learning_rates, iterations=plan.iterations, failed=failed,
-                metadata={**metadata, 'iterations': plan.total,
-                          'seconds': round(time.perf_counter() - run_start, 1)})
+                metadata={**metadata, 'iterations': plan.total}, seconds=round(time.perf_counter() - run_start, 1))
 
 
 @contextlib.contextmanager

@@ -31,14 +31,18 @@ def main_py(args, *, devices: int, cwd, timeout: float = 600) -> subprocess.Comp
   return result
 
 
+def process_flags(i: int, processes: int, port: int) -> list[str]:
+  """main.py's flags that make it process i of `processes` with its coordinator on 127.0.0.1:port."""
+  return ['--config.mesh.distributed=True', f'--config.mesh.coordinator_address=127.0.0.1:{port}',
+          f'--config.mesh.num_processes={processes}', f'--config.mesh.process_id={i}']
+
+
 def launch(args, *, processes: int, devices: int, cwd, timeout: float = 600) -> list[tuple[int, str, str]]:
   """Runs `main.py args` as `processes` processes of one run; returns (exit code, stdout, stderr) of each."""
   port = free_port()
   procs = [subprocess.Popen(
-      [sys.executable, str(ROOT / 'main.py'), *args, '--config.mesh.distributed=True',
-       f'--config.mesh.coordinator_address=127.0.0.1:{port}', f'--config.mesh.num_processes={processes}',
-       f'--config.mesh.process_id={i}'], env=env(devices), cwd=cwd, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True, start_new_session=True) for i in range(processes)]
+      [sys.executable, str(ROOT / 'main.py'), *args, *process_flags(i, processes, port)], env=env(devices), cwd=cwd,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) for i in range(processes)]
   deadline = time.time() + timeout
   try:
     logs = [p.communicate(timeout=max(1, deadline - time.time())) for p in procs]

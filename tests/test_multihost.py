@@ -10,43 +10,111 @@ import time
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
-from tests.multihost import ROOT, check_all_succeeded, env, free_port, launch, main_py
+from tests.multihost import ROOT, check_all_succeeded, env, free_port, launch, main_py, process_flags
 
 pytestmark = pytest.mark.multihost
 
 
-def _erase(model, workdir, *mesh):
-  return ['erase', f'--config.model={model}', f'--config.workdir={workdir}', '--config.erase.method=esd-x',
+def _erase(model, workdir, *settings, method='esd-x'):
+  return ['erase', f'--config.model={model}', f'--config.workdir={workdir}', f'--config.erase.method={method}',
           '--config.erase.ddim_steps=4', '--config.train.iterations=4', '--config.train.checkpoint_every=2',
           '--config.train.learning_rate=1e-4', '--config.mesh.min_shard_size=2048', '--config.evaluate.classifier=',
-          "--config.export.formats=('trained', 'single_file')", *mesh]
+          "--config.export.formats=('trained', 'single_file')", *settings]
 
 
-def test_one_model_with_fsdp_across_two_processes_equals_one_process(model, tmp_path):
-  mesh = ('--config.mesh.data=1', '--config.mesh.fsdp=4')
-  main_py(_erase(model, tmp_path / 'one', *mesh), devices=4, cwd=tmp_path)
-  results = launch(_erase(model, tmp_path / 'two', *mesh), processes=2, devices=2, cwd=tmp_path)
+_FSDP_ACROSS_BOTH = ('--config.mesh.data=1', '--config.mesh.fsdp=4')
+
+
+def _one_model_two_processes_equals_one_process(model, tmp_path, method: str, trained_tensors: int):
+  """Runs `method` in one process with 4 devices (tmp_path/one) and in two with 2 each (tmp_path/two), fsdp over
+  all four; checks that they agree and that process 0 alone printed and wrote."""
+  main_py(_erase(model, tmp_path / 'one', *_FSDP_ACROSS_BOTH, method=method), devices=4, cwd=tmp_path)
+  results = launch(_erase(model, tmp_path / 'two', *_FSDP_ACROSS_BOTH, method=method), processes=2, devices=2,
+                   cwd=tmp_path)
   check_all_succeeded(results)
   one, two = (tmp_path / name / 'erased' for name in ('one', 'two'))
   a, b = load_file(one / 'unet_trained.safetensors'), load_file(two / 'unet_trained.safetensors')
-  assert len(a) == 20 and a.keys() == b.keys()
-  # Not bit for bit: gloo's all-gathers and reduce-scatters sum in another order than one process does (3.8e-8
-  # relative after 4 iterations, losses equal to 1e-6; the draws are the same).
+  assert len(a) == trained_tensors and a.keys() == b.keys()
+  # Not bit for bit: gloo's all-gathers and reduce-scatters sum in another order than one process does (ESD-x:
+  # 3.8e-8 relative after 4 iterations, losses equal to 1e-6; the draws are the same).
   assert _relative_difference(a, b) <= 1e-6
   single = [load_file(path / 'model.safetensors') for path in (one, two)]
   assert single[0].keys() == single[1].keys()
   assert _relative_difference(*single) <= 1e-6
   same = [k for k in single[0] if np.array_equal(single[0][k], single[1][k])]
-  assert len(same) >= len(single[0]) - 20  # everything but the trained tensors, bit for bit
+  assert len(same) >= len(single[0]) - trained_tensors  # everything but the trained tensors, bit for bit
   # Process 0 alone logs, prints and writes the metrics.
-  (code0, out0, err0), (code1, out1, err1) = results
-  own = lambda text: [line for line in text.splitlines() if not line.startswith('[Gloo]')]  # gloo's C++ chatter
-  assert 'Erased model (trained)' in out0 and not own(out1)
+  (_, out0, err0), (_, out1, err1) = results
+  assert 'Erased model (trained)' in out0 and not _own(out1)
   assert 'erase:' in err0 and 'erase:' not in err1  # the progress bar
   steps = [json.loads(line)['step'] for line in (tmp_path / 'two' / 'metrics.jsonl').read_text().splitlines()]
   assert steps == [1, 2, 3, 4]
+
+
+def test_esd_u_with_fsdp_across_two_processes_equals_one_process(model, tmp_path):
+  _one_model_two_processes_equals_one_process(model, tmp_path, 'esd-u', 180)
+
+
+def test_esd_x_across_two_processes_equals_one_process_and_resumes_bit_for_bit(model, tmp_path):
+  _one_model_two_processes_equals_one_process(model, tmp_path, 'esd-x', 20)
+  # Both processes killed together (SIGKILL) after the step-2 checkpoint, then relaunched: the run resumes there
+  # and ends where the uninterrupted two-process run (tmp_path/two) ended; its exports are byte for byte the same.
+  port, killed = free_port(), tmp_path / 'killed'
+  procs = [subprocess.Popen([sys.executable, str(ROOT / 'main.py'), *_erase(model, killed, *_FSDP_ACROSS_BOTH),
+                             *process_flags(i, 2, port)], env=env(2), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True) for i in range(2)]
+  try:
+    deadline = time.time() + 400
+    while not (killed / 'checkpoints' / '2').is_dir() and time.time() < deadline and procs[0].poll() is None:
+      time.sleep(0.05)
+  finally:
+    for p in procs:
+      os.killpg(p.pid, signal.SIGKILL)
+      p.wait()
+  assert (killed / 'checkpoints' / '2').is_dir(), 'the run ended before its step-2 checkpoint'
+  assert not (killed / 'erased').exists() and len((killed / 'metrics.jsonl').read_text().splitlines()) < 4
+  results = launch(_erase(model, killed, *_FSDP_ACROSS_BOTH), processes=2, devices=2, cwd=tmp_path)
+  check_all_succeeded(results)
+  assert 'esd-jax: Resumed from step 2' in results[0][2]
+  for name in ('unet_trained.safetensors', 'model.safetensors'):
+    assert (killed / 'erased' / name).read_bytes() == (tmp_path / 'two' / 'erased' / name).read_bytes(), name
+  assert sorted(p.name for p in (killed / 'erased').iterdir()) == ['model.safetensors', 'unet_trained.safetensors']
+
+
+def test_every_other_command_on_two_processes_equals_one_process(model, tmp_path):
+  # One invocation runs the commands in turn on ESD weights in the authors' 2025 format (only the trained tensors):
+  # the tiny UNet's cross-attention keys and values, scaled. Every output file of the two-process run is
+  # byte-identical to the one-process run's (each process samples on its own devices), written by process 0 alone.
+  base = load_file(model / 'unet' / 'diffusion_pytorch_model.safetensors')
+  save_file({k: v * 1.5 for k, v in base.items() if '.attn2.to_k.' in k or '.attn2.to_v.' in k},
+            tmp_path / 'esd.safetensors')
+  args = lambda workdir: [
+      'dry_run', 'export', 'generate', 'compare', 'evaluate', f'--config.model={model}',
+      f'--config.workdir={workdir}', f'--config.export.weights={tmp_path / "esd.safetensors"}',
+      "--config.export.formats=('diffusers', 'trained', 'single_file')", "--config.generate.prompts=('a cat', 'a dog')",
+      '--config.generate.seeds=(0, 1)', '--config.generate.steps=3', "--config.evaluate.prompts=('a red circle',)",
+      '--config.evaluate.seeds=2', '--config.evaluate.steps=3', '--config.evaluate.grid_seeds=2',
+      '--config.mesh.data=1', '--config.mesh.fsdp=4']
+  one = main_py(args(tmp_path / 'one'), devices=4, cwd=tmp_path)
+  results = launch(args(tmp_path / 'two'), processes=2, devices=2, cwd=tmp_path)
+  check_all_succeeded(results)
+  files = lambda run: sorted(str(p.relative_to(tmp_path / run)) for p in (tmp_path / run).rglob('*') if p.is_file())
+  assert files('one') == files('two') and len(files('one')) > 10, files('two')
+  for name in files('one'):
+    if name == 'evaluate_jax.json':  # its wall time differs
+      reports = [json.loads((tmp_path / run / name).read_text()) for run in ('one', 'two')]
+      assert reports[0]['per_prompt'] == reports[1]['per_prompt']
+    else:
+      assert (tmp_path / 'one' / name).read_bytes() == (tmp_path / 'two' / name).read_bytes(), name
+  (_, out0, _), (_, out1, err1) = results
+  assert _own(out0.replace(str(tmp_path / 'two'), '')) == _own(one.stdout.replace(str(tmp_path / 'one'), ''))
+  assert not _own(out1) and not [line for line in err1.splitlines() if 'esd-jax' in line]
+
+
+def _own(text: str) -> list[str]:
+  return [line for line in text.splitlines() if not line.startswith('[Gloo]')]  # gloo's C++ chatter
 
 
 def _relative_difference(a: dict, b: dict) -> float:
@@ -75,10 +143,8 @@ def test_a_lost_process_stops_the_other(model, tmp_path):
   procs, port = [], free_port()
   for i in range(2):
     procs.append(subprocess.Popen(
-        [sys.executable, str(ROOT / 'main.py'), *args, '--config.mesh.distributed=True',
-         f'--config.mesh.coordinator_address=127.0.0.1:{port}', '--config.mesh.num_processes=2',
-         f'--config.mesh.process_id={i}'], env=env(2), cwd=tmp_path, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True, start_new_session=True))
+        [sys.executable, str(ROOT / 'main.py'), *args, *process_flags(i, 2, port)], env=env(2), cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True))
   try:
     deadline = time.time() + 400
     checkpoints = tmp_path / 'run' / 'checkpoints'
