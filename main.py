@@ -20,6 +20,7 @@ import logging as std_logging
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -69,6 +70,11 @@ def main(argv):
   tracebacks = logging.get_verbosity() >= logging.INFO or os.environ.get('ESD_JAX_TRACEBACK') == '1'
   if not tracebacks:
     logging.get_absl_logger().addFilter(_DiskFullTracebacks())
+  if 'plan' in names and 'plan' in config and config.plan.devices:
+    if names != ['plan']:
+      raise app.UsageError('--config.plan.devices emulates CPU devices for `plan`: run `plan` alone with it.')
+    jax.config.update('jax_platforms', 'cpu')  # before anything starts a backend
+    jax.config.update('jax_num_cpu_devices', config.plan.devices)
   try:
     if 'mesh' in config and config.mesh.distributed:
       distributed.initialize(config.mesh)  # every process runs this same command

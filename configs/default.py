@@ -47,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.shared_timesteps = False
   config.train.seed = 0
   config.train.compute_dtype = 'float32'  # float32 | bfloat16 (parameters and Adam state stay float32)
+  # Memory for compute: the student UNet's blocks recomputed in its backward pass (none | blocks: keep only each
+  # block's input | dots: keep its matmul outputs too). Same numbers; `plan` shows what each saves.
+  config.train.remat = 'none'
   config.train.checkpoint_every = 100
 
   config.checkpoint = ml_collections.ConfigDict()
@@ -99,4 +102,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.evaluate.batch_size = 256
   config.evaluate.grid_seeds = 4  # seeds per model shown in the grid
   config.evaluate.backend = 'jax'  # `evaluate` only: jax | diffusers (PyTorch, a diffusers folder as it is)
+
+  # `plan`: compiles the erase step of this config from abstract parameters (no weights; the reference names
+  # sd-v1-4, sd-v2-1, sdxl-base-1.0 work) and prints its memory per device, FLOPs and collectives.
+  config.plan = ml_collections.ConfigDict()
+  config.plan.devices = 0  # > 0: that many emulated CPU devices stand for the chips (plan alone); 0: the devices there are
+  config.plan.json = ''  # also write the numbers to this JSON file
   return config

@@ -239,6 +239,55 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
   return info
 
 
+def plan(config: ml_collections.ConfigDict) -> dict:
+  """Compiles the erase step of this config from abstract parameters on its mesh (no weights) and prints what it
+  costs per device: memory, FLOPs, collectives (esd_jax/cost.py)."""
+  from esd_jax.cost import step_cost
+  from esd_jax.files import write_json
+
+  cost = step_cost(config)
+  if not distributed.is_main():
+    return cost
+  size = lambda key: _bytes(cost['per_device_bytes'][key])
+  flops = cost['flops']
+  mesh = ' × '.join(f'{axis} {n}' for axis, n in cost['mesh'].items())
+  models = f', {cost["separate_models"]} separate models' if cost['separate_models'] else ''
+  print(f'{cost["model"]} {cost["method"]} ({cost["convention"]}, {cost["compute_dtype"]}{models}), latents '
+        f'{"×".join(map(str, cost["latent_shape"]))}, batch {cost["batch"]}; mesh {mesh} = {cost["devices"]} '
+        f'{cost["platform"]} devices')
+  print(f'trained: {cost["trained_tensors"]} tensors, {cost["trained_parameters"]:,} parameters')
+  print('per device:')
+  for key, what in (('frozen_base', 'frozen base'), ('trained', 'trained subset'), ('adam', 'Adam moments'),
+                    ('arguments', 'arguments (XLA)'), ('temporaries', 'temporaries (XLA)'),
+                    ('total', 'total (XLA: arguments + outputs - donated + temporaries)')):
+    print(f'  {what:58s} {size(key):>10s}')
+  shortest, mean, longest = flops['sampler_steps']
+  print(f'FLOP per iteration: XLA {_si(flops["xla_per_iteration"])} (the sampler loop body once); one UNet forward '
+        f'{_si(flops["unet_forward"])}, × the forwards of a draw: {_si(flops["shortest_draw"])} ({shortest} sampler '
+        f'steps), {_si(flops["mean_draw"])} (mean, {mean:.2f}), {_si(flops["longest_draw"])} ({longest})')
+  moved = {k: v for k, v in cost['collective_bytes_per_device'].items() if v}
+  print('collectives per device (each instruction once): ' + (
+      ', '.join(f'{k} {_bytes(v)}' for k, v in moved.items()) or 'none'))
+  if config.plan.json:
+    write_json(Path(config.plan.json), cost)
+    print(f'JSON: {config.plan.json}')
+  return cost
+
+
+def _bytes(n: float) -> str:
+  for unit in ('B', 'KiB', 'MiB', 'GiB'):
+    if abs(n) < 1024 or unit == 'GiB':
+      return f'{n:.2f} {unit}' if unit != 'B' else f'{n:.0f} B'
+    n /= 1024
+
+
+def _si(flops: float) -> str:
+  for unit, scale in (('T', 1e12), ('G', 1e9), ('M', 1e6)):
+    if flops >= scale:
+      return f'{flops / scale:.2f} {unit}'
+  return f'{flops:.0f} '
+
+
 def train_world(config: ml_collections.ConfigDict) -> Path:
   """Trains the shapes-world pipeline and its classifier (configs/train_world.py) into config.output."""
   from esd_jax.shapes_world.classifier import train_and_save
@@ -253,7 +302,7 @@ def train_world(config: ml_collections.ConfigDict) -> Path:
 
 
 COMMANDS = {'erase': erase, 'generate': generate, 'evaluate': evaluate, 'train_world': train_world,
-            'dry_run': dry_run, 'export': export, 'compare': compare}
+            'dry_run': dry_run, 'plan': plan, 'export': export, 'compare': compare}
 
 
 def run(names: str | list[str], config: ml_collections.ConfigDict) -> list:

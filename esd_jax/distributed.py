@@ -58,6 +58,17 @@ def gather(tree):
   return jax.tree.map(one, tree)
 
 
+def put(value, sharding):
+  """jax.device_put(value, sharding) for a host value that every process holds alike (a numpy array, a scalar):
+  each process places only the shards its own devices hold. jax.device_put would first all-gather the value to
+  check that the processes agree: a collective per array (per parameter, when loading a model; per step, for
+  the step's host inputs)."""
+  if sharding is None or isinstance(value, jax.Array) or jax.process_count() == 1:
+    return jax.device_put(value, sharding)
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def local_pipeline(pipe: StableDiffusion) -> StableDiffusion:
   """`pipe` with every parameter gathered onto this process's default device (a collective with several
   processes): what a process needs to write or sample the whole model on its own."""

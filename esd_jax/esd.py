@@ -41,6 +41,8 @@ class Objective:
   ddim_steps: sampler steps of a full trajectory (50).
   sampler: for diffusers-v2, 'ddim' or 'pndm' (PLMS, that code's pipeline default); the others use DDIM.
   compute_dtype: dtype of the UNet's arithmetic; parameters, gradients and the loss stay float32.
+  remat: how the student's UNet rematerialises its blocks for the backward pass (models.unet.REMAT): less memory
+    for more compute, the same numbers.
   """
 
   convention: str = 'paper'
@@ -49,6 +51,7 @@ class Objective:
   ddim_steps: int = 50
   sampler: str = 'ddim'
   compute_dtype: str = 'float32'
+  remat: str = 'none'
 
   def __post_init__(self):
     if self.convention not in CONVENTIONS:
@@ -170,6 +173,14 @@ def sample_x_t(objective: Objective, scheduler, unet, x_T: jax.Array, step: jax.
   return jax.lax.stop_gradient(x_t)
 
 
+def sampler_steps(objective: Objective) -> list[int]:
+  """The sampler steps sample_x_t runs for each value `draw` can give `step`, in order (each equally likely)."""
+  n = objective.ddim_steps
+  if objective.convention == 'paper':
+    return [min(n, n + 1 - t_enc) - 1 for t_enc in range(n)]
+  return list(range(1, n - 1)) if objective.convention == 'diffusers-v1' else list(range(n))
+
+
 def esd_loss(trained: Params, frozen: Params, layout: ParamLayout, objective: Objective, scheduler,
              prompts: Prompts, draws: Draws) -> tuple[jax.Array, jax.Array]:
   """(loss, x_t) of one iteration. Gradients flow to `trained` only: the student is the frozen tree with
@@ -202,6 +213,7 @@ def esd_loss(trained: Params, frozen: Params, layout: ParamLayout, objective: Ob
   target = jax.lax.stop_gradient(anchor - coefficient * (e_concept - e_uncond))
 
   student = layout.module({**frozen, **trained})
+  student.remat = objective.remat
   e_student = _predict(student, x_t, draws.t, student_prompt, dtype)
   return jnp.mean(jnp.square(e_student - target)), x_t
 

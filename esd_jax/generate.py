@@ -37,8 +37,13 @@ jax.tree_util.register_dataclass(Conditioning, data_fields=['context', 'text_emb
 
 def latent_size(pipe: StableDiffusion, height: int | None, width: int | None) -> tuple[int, int]:
   """Latent (h, w) for an image size; the UNet's native size when not given (as diffusers)."""
-  factor = 2 ** (len(pipe.vae.config['block_out_channels']) - 1)
-  native = pipe.unet.config['sample_size'] * factor
+  return latent_size_of(pipe.unet.config, pipe.vae.config, height, width)
+
+
+def latent_size_of(unet_config, vae_config, height: int | None, width: int | None) -> tuple[int, int]:
+  """latent_size from the UNet's and the VAE's configs alone."""
+  factor = 2 ** (len(vae_config['block_out_channels']) - 1)
+  native = unet_config['sample_size'] * factor
   height, width = height or native, width or native
   if height % factor or width % factor:
     raise ValueError(f'Image size {height}×{width} must be a multiple of the VAE downsampling factor {factor}.')

@@ -98,21 +98,26 @@ def load_model(config: ml_collections.ConfigDict, *, sharding=None) -> StableDif
                        sharding=sharding)
 
 
-def unet_config(model: str, workdir: str | os.PathLike = '.', *, prediction_type: str | None = None
-                ) -> dict[str, Any]:
-  """The UNet config.json of `model` (any name model_path takes, and the reference names), without reading
-  weights (single files: from their stored configs or tensor shapes)."""
+def component_config(model: str, workdir: str | os.PathLike = '.', component: str = 'unet', *,
+                     prediction_type: str | None = None) -> dict[str, Any]:
+  """The config.json of one component ('unet', 'vae', 'text_encoder') of `model` (any name model_path takes, and
+  the reference names), without reading weights (single files: from their stored configs or tensor shapes)."""
   if model == 'tiny-random':
-    from esd_jax.tiny import UNET
-    return dict(UNET)
+    from esd_jax import tiny
+    return dict({'unet': tiny.UNET, 'vae': tiny.VAE, 'text_encoder': tiny.TEXT_ENCODER}[component])
   if model in reference_names():
-    return read_json(REFERENCE_CONFIGS / model / 'unet' / 'config.json')
+    return read_json(REFERENCE_CONFIGS / model / component / 'config.json')
   path = model_path(model, workdir)
   if isinstance(path, str):
-    return read_json(_download(path, None, ['unet/config.json']) / 'unet' / 'config.json')
+    return read_json(_download(path, None, [f'{component}/config.json']) / component / 'config.json')
   if path.is_file():
     from convert import compvis
     components, _, metadata = compvis.read_single_file(path)
     stored = compvis.stored_configs(metadata, source=str(path))
-    return (stored or compvis.infer_configs(components, prediction_type=prediction_type))['unet']
-  return read_json(path / 'unet' / 'config.json')
+    return (stored or compvis.infer_configs(components, prediction_type=prediction_type))[component]
+  return read_json(path / component / 'config.json')
+
+
+def unet_config(model: str, workdir: str | os.PathLike = '.', *, prediction_type: str | None = None
+                ) -> dict[str, Any]:
+  return component_config(model, workdir, 'unet', prediction_type=prediction_type)

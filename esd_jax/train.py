@@ -151,10 +151,10 @@ def encode_concepts(pipe: StableDiffusion, concepts: list[Concept], negative_gui
                      student=student, has_from=jnp.asarray(has_from), eta=jnp.asarray(eta, jnp.float32))
 
 
-def objective_of(erase: ml_collections.ConfigDict, compute_dtype: str) -> esd.Objective:
+def objective_of(erase: ml_collections.ConfigDict, train: ml_collections.ConfigDict) -> esd.Objective:
   return esd.Objective(convention=erase.convention, negative_guidance=erase.negative_guidance,
                        guidance=erase.guidance, ddim_steps=erase.ddim_steps, sampler=erase.sampler,
-                       compute_dtype=compute_dtype)
+                       compute_dtype=train.compute_dtype, remat=train.remat)
 
 
 def _fingerprint(frozen: dict[str, jax.Array], keys: list[str]) -> str:
@@ -192,13 +192,15 @@ class Models(NamedTuple):
   """The run's trainable side: its initial state (and placement), the iteration-i draws, and one step.
 
   step(state, draws, active) → (state, losses, stepped): losses and stepped are host arrays over the models
-  (one entry for a one-model run); a model that did not step keeps its state.
+  (one entry for a one-model run); a model that did not step keeps its state. lower() lowers the jitted step
+  for the initial state and an iteration's draws (what esd_jax.cost compiles and accounts for).
   """
 
   state: esd.TrainState
   state_sharding: Any
   draw: Callable[[int], esd.Draws]
   step: Callable[[esd.TrainState, esd.Draws, np.ndarray], tuple[esd.TrainState, np.ndarray, np.ndarray]]
+  lower: Callable[[], jax.stages.Lowered]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +217,17 @@ class Setup:
   prompts: esd.Prompts
   latent_shape: tuple[int, int, int]
   batch: int
+  abstract: bool = False  # shapes and shardings only (esd_jax.cost): nothing is computed or allocated
+
+  def run(self, jitted, *args):
+    """jitted(*args); with an abstract set-up, the shapes and shardings of its outputs."""
+    return jitted.eval_shape(*args) if self.abstract else jitted(*args)
+
+  def place(self, tree, shardings):
+    """tree on the devices of `shardings`; with an abstract set-up, its shapes with those shardings."""
+    if self.abstract:
+      return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree, shardings)
+    return jax.tree.map(distributed.put, tree, shardings)
 
   @property
   def base(self) -> dict[str, jax.Array]:
@@ -230,7 +243,7 @@ class Setup:
 
   def initial_state(self, trained, trained_sharding, init) -> tuple[esd.TrainState, Any]:
     state_sharding = sharding.like_params(jax.eval_shape(init, trained), trained_sharding, self.mesh)
-    return jax.jit(init, out_shardings=state_sharding)(trained), state_sharding
+    return self.run(jax.jit(init, out_shardings=state_sharding), trained), state_sharding
 
 
 def one_model(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) -> Models:
@@ -239,9 +252,10 @@ def one_model(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) -> Mod
   tx = esd.optimizer(plan.learning_rates[0])
   trained_sh = {k: setup.frozen_sharding[k] for k in setup.keys}
   # A copy, not the frozen arrays themselves: the train state is donated to each step.
-  trained = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=trained_sh)(setup.base)
+  trained = setup.run(jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=trained_sh), setup.base)
   state, state_sh = setup.initial_state(trained, trained_sh, functools.partial(esd.init_state, tx=tx))
-  prompts = jax.device_put(distributed.gather(setup.prompts), sharding.replicated(mesh))
+  prompts = distributed.gather(setup.prompts)
+  prompts = setup.place(prompts, jax.tree.map(lambda _: sharding.replicated(mesh), prompts))
   batch_sh = sharding.batch_sharding(mesh, train.batch_size, 4 + (per_step > 1), batch_axis=int(per_step > 1))
   draws_sh = esd.Draws(batch_sh, *[sharding.replicated(mesh)] * 3)
   base_key = jax.random.key(train.seed)
@@ -256,7 +270,7 @@ def one_model(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) -> Mod
     state, metrics = step_fn(state, setup.frozen, prompts, draws)
     losses = np.asarray(metrics['loss']).reshape(1)
     return state, losses, np.isfinite(losses)
-  return Models(state, state_sh, draw, step)
+  return Models(state, state_sh, draw, step, lambda: step_fn.lower(state, setup.frozen, prompts, draw.eval_shape(0)))
 
 
 def separate_models(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) -> Models:
@@ -264,17 +278,18 @@ def separate_models(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) 
   would: trained tensors and Adam state stacked on a leading axis split over the mesh's `concept` axis."""
   mesh, n_models = setup.mesh, len(plan.groups)
   shared, split = sharding.replicated(mesh), sharding.over_models(mesh)
-  prompts = distributed.gather(esd.per_model(setup.prompts, plan.groups))
-  prompts = jax.device_put(prompts, esd.Prompts(jax.tree.map(lambda _: shared, prompts.uncond),
-                                                *[jax.tree.map(lambda _: split, f) for f in prompts[1:]]))
+  prompts = distributed.gather(setup.run(jax.jit(functools.partial(esd.per_model, groups=plan.groups)),
+                                         setup.prompts))
+  prompts = setup.place(prompts, esd.Prompts(jax.tree.map(lambda _: shared, prompts.uncond),
+                                             *[jax.tree.map(lambda _: split, f) for f in prompts[1:]]))
   trained_sh = {k: sharding.stacked(setup.frozen_sharding[k]) for k in setup.keys}
   # Every model starts from the base weights; the broadcast materialises one copy per model.
-  trained = jax.jit(lambda p: jax.tree.map(lambda a: jnp.broadcast_to(a, (n_models, *a.shape)), p),
-                    out_shardings=trained_sh)(setup.base)
+  trained = setup.run(jax.jit(lambda p: jax.tree.map(lambda a: jnp.broadcast_to(a, (n_models, *a.shape)), p),
+                              out_shardings=trained_sh), setup.base)
   # Adam's state does not depend on the learning rate: each model's own is passed to the step.
   init = jax.vmap(functools.partial(esd.init_state, tx=esd.optimizer(plan.learning_rates[0])))
   state, state_sh = setup.initial_state(trained, trained_sh, init)
-  rates = jax.device_put(np.asarray(plan.learning_rates, np.float32), split)
+  rates = setup.place(np.asarray(plan.learning_rates, np.float32), split)
   seeds, sizes = jnp.arange(n_models) + train.seed, jnp.asarray([len(g) for g in plan.groups])
 
   def draw_all(i):
@@ -289,35 +304,47 @@ def separate_models(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) 
                     out_shardings=(state_sh, shared), donate_argnums=(0,))
 
   def step(state, draws, active):
-    state, metrics = step_fn(state, setup.frozen, prompts, draws, jax.device_put(active, shared), rates)
+    state, metrics = step_fn(state, setup.frozen, prompts, draws, distributed.put(active, shared), rates)
     return state, np.asarray(metrics['loss']).reshape(-1), np.asarray(metrics['active'])
-  return Models(state, state_sh, draw, step)
+  lower = lambda: step_fn.lower(state, setup.frozen, prompts, draw.eval_shape(0),
+                                jax.ShapeDtypeStruct((n_models,), jnp.bool_, sharding=shared), rates)
+  return Models(state, state_sh, draw, step, lower)
+
+
+def run_mesh(config: ml_collections.ConfigDict, plan: Plan) -> jax.sharding.Mesh:
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.concept)
+  if len(plan.groups) % mesh.shape['concept']:
+    raise RunError(f'mesh.concept = {mesh.shape["concept"]} does not divide the {len(plan.groups)} models of this '
+                   'run; choose a concept axis size that divides the number of distinct concepts (with '
+                   'erase.separate_models).')
+  return mesh
+
+
+def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, unet, prompts: esd.Prompts,
+               scheduler_config, latent_shape: tuple[int, int, int], *, abstract: bool = False) -> Setup:
+  """The shared set-up around `unet` (its parameters on the mesh already, or abstract)."""
+  layout, frozen = split_flat(unet)
+  frozen_sh = sharding.param_shardings(frozen, mesh, config.mesh.min_shard_size)
+  keys = methods.trained_keys(frozen, config.erase.method, config.erase.patterns)
+  objective = objective_of(config.erase, config.train)
+  setup = Setup(mesh, layout, frozen, frozen_sh, keys, objective, objective.scheduler(scheduler_config), prompts,
+                latent_shape, config.train.batch_size, abstract)
+  return dataclasses.replace(setup, frozen=setup.place(frozen, frozen_sh))
 
 
 def set_up(config: ml_collections.ConfigDict, plan: Plan, pipe: StableDiffusion | None
            ) -> tuple[StableDiffusion, Setup, dict[str, Any]]:
   """Loads the model onto the mesh (unless given) and returns it, the shared set-up and the run's metadata."""
-  mesh_config, train = config.mesh, config.train
-  mesh = sharding.make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.concept)
-  n_models = len(plan.groups)
-  if n_models % mesh.shape['concept']:
-    raise RunError(f'mesh.concept = {mesh.shape["concept"]} does not divide the {n_models} models of this run; '
-                   'choose a concept axis size that divides the number of distinct concepts (with '
-                   'erase.separate_models).')
+  mesh = run_mesh(config, plan)
   place = lambda key, shape: jax.sharding.NamedSharding(mesh, sharding.param_spec(shape, mesh,
-                                                                                  mesh_config.min_shard_size))
+                                                                                  config.mesh.min_shard_size))
   pipe = pipe or load_model(config, sharding=place)
-  layout, frozen = split_flat(pipe.unet)
-  frozen_sh = sharding.param_shardings(frozen, mesh, mesh_config.min_shard_size)
-  frozen = jax.device_put(frozen, frozen_sh)
-  keys = methods.trained_keys(frozen, config.erase.method, config.erase.patterns)
-  objective = objective_of(config.erase, train.compute_dtype)
   size = config.erase.resolution or None
   h, w = latent_size(pipe, size, size)
-  prompts = encode_concepts(pipe, plan.concepts, objective.negative_guidance, height=size, width=size)
-  setup = Setup(mesh, layout, frozen, frozen_sh, keys, objective, objective.scheduler(pipe.scheduler_config),
-                prompts, (h, w, pipe.unet.config['in_channels']), train.batch_size)
-  return pipe, setup, run_metadata(config, plan, pipe, keys, frozen)
+  prompts = encode_concepts(pipe, plan.concepts, config.erase.negative_guidance, height=size, width=size)
+  setup = make_setup(config, mesh, pipe.unet, prompts, pipe.scheduler_config,
+                     (h, w, pipe.unet.config['in_channels']))
+  return pipe, setup, run_metadata(config, plan, pipe, setup.keys, setup.frozen)
 
 
 # --------------------------------------------------------------------------------------------------------------

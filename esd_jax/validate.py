@@ -106,6 +106,11 @@ def _export_dtypes():
   return sorted(DTYPES)
 
 
+def _remat():
+  from esd_jax.models.unet import REMAT
+  return list(REMAT)
+
+
 def _conventions():
   from esd_jax.esd import CONVENTIONS
   return CONVENTIONS
@@ -136,6 +141,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     'train.shared_timesteps': _flag(),
     'train.seed': _whole(0),
     'train.compute_dtype': _one_of(COMPUTE_DTYPES),
+    'train.remat': _one_of(_remat),
     'train.checkpoint_every': _whole(1),
     'checkpoint.keep': _whole(1),
 
@@ -174,6 +180,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     'evaluate.grid_seeds': _whole(0),
     'evaluate.backend': _one_of(('jax', 'diffusers')),
 
+    'plan.devices': _whole(0),
+    'plan.json': _text(),
+
     # configs/train_world.py (the fields of esd_jax.shapes_world.trainer.Recipe, and the classifier's).
     'output': _text(nonempty=True),
     'world.seed': _whole(0),
@@ -205,6 +214,8 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
     'evaluate': (*_LOAD, *_section('evaluate'), 'export.weights'),
     'export': (*_LOAD, *_section('export')),
     'dry_run': ('model', 'workdir', 'prediction_type', 'erase.method', 'erase.patterns'),
+    'plan': ('model', 'workdir', 'prediction_type', *_section('erase'), *_section('train'), *_section('mesh'),
+             *_section('plan')),
     'train_world': ('output', *_section('world'), *_section('classifier')),
 }
 
@@ -325,6 +336,7 @@ def _recipe(config) -> None:
 RELATIONS: dict[str, tuple[Callable[[Any], None], ...]] = {
     'erase': (_sampler, _mesh, _patterns, _separate, _concepts, _classifier_folder),
     'dry_run': (_patterns,),
+    'plan': (_sampler, _mesh, _patterns, _separate, _concepts),
     'evaluate': (_evaluate_classifier, _classifier_folder, _weights_file, _diffusers_backend),
     'export': (_weights_file,),
     'compare': (_weights_file,),

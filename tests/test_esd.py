@@ -42,7 +42,7 @@ def _setup():
 
 
 @functools.cache
-def _ours(convention: str, erase_from: bool):
+def _ours(convention: str, erase_from: bool, remat: str = 'none'):
   """Our loss, x_t, gradients and parameters after one Adam step, training the `notime` subset.
 
   One compilation per convention serves every method: at the first step the student equals the frozen
@@ -52,7 +52,7 @@ def _ours(convention: str, erase_from: bool):
   """
   _, ours, emb, x_T = _setup()
   layout, frozen = split_flat(ours)
-  objective = esd.Objective(convention=convention, negative_guidance=ETA, ddim_steps=STEPS)
+  objective = esd.Objective(convention=convention, negative_guidance=ETA, ddim_steps=STEPS, remat=remat)
   scheduler = objective.scheduler(SCHEDULER)
   cond = lambda name: Conditioning(jnp.asarray(emb[name]))
   prompts = esd.Prompts(cond('uncond'), cond('concept'), cond('from') if erase_from else None,
@@ -68,15 +68,16 @@ def _ours(convention: str, erase_from: bool):
   return float(loss), np.asarray(x_t), grads, optax.apply_updates(trained, updates)
 
 
-CASES = [(c, m, False) for c in esd.CONVENTIONS for m in ('esd-x', 'esd-u', 'esd-x-strict')]
-CASES += [('paper', 'esd-x', True), ('diffusers-v2', 'esd-x', True)]
+CASES = [(c, m, False, 'none') for c in esd.CONVENTIONS for m in ('esd-x', 'esd-u', 'esd-x-strict')]
+CASES += [('paper', 'esd-x', True, 'none'), ('diffusers-v2', 'esd-x', True, 'none')]
+CASES += [('paper', 'esd-u', False, remat) for remat in ('blocks', 'dots')]  # recomputed blocks: the same numbers
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize('convention,method,erase_from', CASES)
-def test_step_matches_pytorch_reference(convention, method, erase_from):
+@pytest.mark.parametrize('convention,method,erase_from,remat', CASES)
+def test_step_matches_pytorch_reference(convention, method, erase_from, remat):
   ref_unet, ours, emb, x_T = _setup()
-  loss, x_t, grads, after = _ours(convention, erase_from)
+  loss, x_t, grads, after = _ours(convention, erase_from, remat)
   keys = trained_keys(split_flat(ours)[1], method)
   step, t = DRAWS[convention]
   ref_copy = UNet2DConditionModel.from_config(ref_unet.config)

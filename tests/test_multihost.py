@@ -27,12 +27,12 @@ def _erase(model, workdir, *settings, method='esd-x'):
 _FSDP_ACROSS_BOTH = ('--config.mesh.data=1', '--config.mesh.fsdp=4')
 
 
-def _one_model_two_processes_equals_one_process(model, tmp_path, method: str, trained_tensors: int):
+def _one_model_two_processes_equals_one_process(model, tmp_path, method: str, trained_tensors: int, *settings):
   """Runs `method` in one process with 4 devices (tmp_path/one) and in two with 2 each (tmp_path/two), fsdp over
   all four; checks that they agree and that process 0 alone printed and wrote."""
-  main_py(_erase(model, tmp_path / 'one', *_FSDP_ACROSS_BOTH, method=method), devices=4, cwd=tmp_path)
-  results = launch(_erase(model, tmp_path / 'two', *_FSDP_ACROSS_BOTH, method=method), processes=2, devices=2,
-                   cwd=tmp_path)
+  args = lambda workdir: _erase(model, workdir, *_FSDP_ACROSS_BOTH, *settings, method=method)
+  main_py(args(tmp_path / 'one'), devices=4, cwd=tmp_path)
+  results = launch(args(tmp_path / 'two'), processes=2, devices=2, cwd=tmp_path)
   check_all_succeeded(results)
   one, two = (tmp_path / name / 'erased' for name in ('one', 'two'))
   a, b = load_file(one / 'unet_trained.safetensors'), load_file(two / 'unet_trained.safetensors')
@@ -57,14 +57,18 @@ def test_esd_u_with_fsdp_across_two_processes_equals_one_process(model, tmp_path
   _one_model_two_processes_equals_one_process(model, tmp_path, 'esd-u', 180)
 
 
-def test_esd_x_across_two_processes_equals_one_process_and_resumes_bit_for_bit(model, tmp_path):
-  _one_model_two_processes_equals_one_process(model, tmp_path, 'esd-x', 20)
+_TWO_CONCEPTS_PER_STEP = ("--config.erase.concepts=('a cat', 'a dog')", '--config.train.concepts_per_step=2')
+
+
+def test_esd_x_two_concepts_per_step_across_two_processes_equals_one_process_and_resumes(model, tmp_path):
+  _one_model_two_processes_equals_one_process(model, tmp_path, 'esd-x', 20, *_TWO_CONCEPTS_PER_STEP)
   # Both processes killed together (SIGKILL) after the step-2 checkpoint, then relaunched: the run resumes there
   # and ends where the uninterrupted two-process run (tmp_path/two) ended; its exports are byte for byte the same.
   port, killed = free_port(), tmp_path / 'killed'
-  procs = [subprocess.Popen([sys.executable, str(ROOT / 'main.py'), *_erase(model, killed, *_FSDP_ACROSS_BOTH),
-                             *process_flags(i, 2, port)], env=env(2), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True) for i in range(2)]
+  args = _erase(model, killed, *_FSDP_ACROSS_BOTH, *_TWO_CONCEPTS_PER_STEP)
+  procs = [subprocess.Popen([sys.executable, str(ROOT / 'main.py'), *args, *process_flags(i, 2, port)], env=env(2),
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True) for i in range(2)]
   try:
     deadline = time.time() + 400
     while not (killed / 'checkpoints' / '2').is_dir() and time.time() < deadline and procs[0].poll() is None:
@@ -75,7 +79,7 @@ def test_esd_x_across_two_processes_equals_one_process_and_resumes_bit_for_bit(m
       p.wait()
   assert (killed / 'checkpoints' / '2').is_dir(), 'the run ended before its step-2 checkpoint'
   assert not (killed / 'erased').exists() and len((killed / 'metrics.jsonl').read_text().splitlines()) < 4
-  results = launch(_erase(model, killed, *_FSDP_ACROSS_BOTH), processes=2, devices=2, cwd=tmp_path)
+  results = launch(args, processes=2, devices=2, cwd=tmp_path)
   check_all_succeeded(results)
   assert 'esd-jax: Resumed from step 2' in results[0][2]
   for name in ('unet_trained.safetensors', 'model.safetensors'):
@@ -161,6 +165,11 @@ def test_a_lost_process_stops_the_other(model, tmp_path):
     lines = '\n'.join(line for line in stderr.splitlines() if 'erase:' not in line)
     assert ('a collective across the 2 processes failed' in stderr
             or 'the JAX distributed service detected fatal errors' in stderr), lines[:3000]
+    # Nothing half-written looks complete: no export, and every checkpoint under its final name is finished
+    # (orbax writes under a temporary name and renames when all processes are done).
+    assert not (tmp_path / 'run' / 'erased').exists()
+    final = [p for p in checkpoints.iterdir() if p.name.isdigit()]
+    assert final and all((p / '_CHECKPOINT_METADATA').is_file() for p in final)
   finally:
     for p in procs:
       if p.poll() is None:

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from esd_jax import distributed
+
 
 def key_of(path: Iterable[Any]) -> str:
   return '.'.join(str(p) for p in path)
@@ -47,13 +49,13 @@ class ParamLayout:
 
 
 def split_flat(module: nnx.Module) -> tuple[ParamLayout, dict[str, jax.Array]]:
-  """(layout, {key: array}) of a module whose state is all parameters."""
+  """(layout, {key: array}) of a module whose state is all parameters (ShapeDtypeStructs for an abstract one)."""
   graphdef, state = nnx.split(module)
   flat = nnx.to_flat_state(state)
   if any(not isinstance(v, nnx.Param) for _, v in flat):
     raise TypeError(f'{type(module).__name__} holds state other than parameters; split_flat expects only nnx.Param.')
   return (ParamLayout(graphdef, tuple((key_of(p), tuple(p)) for p, _ in flat)),
-          {key_of(p): v[...] for p, v in flat})
+          {key_of(p): v.get_value() for p, v in flat})
 
 
 def abstract(build: Callable[[], nnx.Module]) -> nnx.Module:
@@ -68,7 +70,7 @@ def load_state_dict(module: nnx.Module, tensors: Mapping[str, Any], *, source: s
 
   `tensors` maps keys to arrays, or to zero-argument callables returning one (lazy readers, so a large
   file is never held twice). Each tensor is checked for shape, converted to the parameter's dtype and put
-  with `jax.device_put` on `sharding(key, shape)` (default device when None). With `strict`, missing and
+  on `sharding(key, shape)` (each process its own shards; default device when None). With `strict`, missing and
   unexpected keys are errors that name `source`.
   """
   state = nnx.state(module, nnx.Param)
@@ -89,7 +91,7 @@ def load_state_dict(module: nnx.Module, tensors: Mapping[str, Any], *, source: s
                        f'from its config expects {tuple(var.shape)}. The weights and config.json do not '
                        'belong together.')
     value = value.astype(var.dtype, copy=False)
-    var.set_value(jax.device_put(value, sharding(key, value.shape) if sharding else None))
+    var.set_value(distributed.put(value, sharding(key, value.shape) if sharding else None))
   nnx.update(module, state)
   return module
 

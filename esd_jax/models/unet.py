@@ -120,13 +120,22 @@ def _check_text_time(cfg: Mapping[str, Any], source: str):
                         '"text_time".')
 
 
+# Rematerialisation of the blocks: name → jax.checkpoint policy (what the forward pass keeps for the backward).
+REMAT = {'none': None, 'blocks': jax.checkpoint_policies.nothing_saveable,
+         'dots': jax.checkpoint_policies.dots_saveable}
+
+
 class UNet2DConditionModel(nnx.Module):
   """The conditional UNet. Call: (sample NHWC, timesteps, encoder_hidden_states[, added_cond_kwargs]) →
   the prediction (NHWC, the sample's shape with out_channels).
 
   Computation runs in `sample.dtype` (parameters stay fp32); the sinusoidal timestep features are made
-  in fp32 and cast, as diffusers does.
+  in fp32 and cast, as diffusers does. `remat` (one of REMAT) rematerialises each down, mid and up block for the
+  backward pass: 'blocks' keeps only the blocks' inputs, 'dots' the outputs of their matmuls too (convolutions,
+  norms and activations are recomputed); a backward pass then holds one block's activations at a time.
   """
+
+  remat = 'none'
 
   def __init__(self, config: Mapping[str, Any], *, rngs: nnx.Rngs, source: str = 'config.json'):
     cfg = read_config('UNet2DConditionModel', config, _DEFAULTS, _SUPPORTED, source=source)
@@ -202,9 +211,9 @@ class UNet2DConditionModel(nnx.Module):
     x = self.conv_in(sample)
     skips = [x]
     for block in self.down_blocks:
-      x, block_skips = block(x, emb, context)
+      x, block_skips = self._run(block, x, emb, context)
       skips += block_skips
-    x = self.mid_block(x, emb, context)
+    x = self._run(self.mid_block, x, emb, context)
     for block in self.up_blocks:
       k = len(block.resnets)
       block_skips, skips = skips[-k:], skips[:-k]
@@ -213,5 +222,10 @@ class UNet2DConditionModel(nnx.Module):
         # Odd latent sizes: the downsampling convs rounded up, so upsample to the skip's exact size.
         target = skips[-1].shape[1:3]
         size = None if target == (2 * x.shape[1], 2 * x.shape[2]) else target
-      x = block(x, block_skips, emb, context, size)
+      x = self._run(block, x, block_skips, emb, context, upsample_size=size)
     return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+
+  def _run(self, block: nnx.Module, *arrays, **static):
+    if self.remat == 'none':
+      return block(*arrays, **static)
+    return nnx.remat(lambda b, *a: b(*a, **static), policy=REMAT[self.remat])(block, *arrays)
