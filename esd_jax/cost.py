@@ -112,7 +112,8 @@ def step_cost(config: ml_collections.ConfigDict) -> dict[str, Any]:
   steps = esd.sampler_steps(setup.objective)
   return {
       'model': str(config.model), 'method': config.erase.method, 'convention': config.erase.convention,
-      'compute_dtype': config.train.compute_dtype, 'separate_models': n_models if plan.separate else 0,
+      'compute_dtype': config.train.compute_dtype, 'remat': config.train.remat,
+      'frozen_dtype': config.train.frozen_dtype, 'separate_models': n_models if plan.separate else 0,
       'mesh': dict(setup.mesh.shape), 'devices': setup.mesh.size, 'platform': jax.devices()[0].platform,
       'latent_shape': list(setup.latent_shape), 'batch': batch,
       'trained_tensors': len(setup.keys),

@@ -69,6 +69,12 @@ def put(value, sharding):
   return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
+def on_host(module: nnx.Module) -> nnx.Module:
+  """`module` with every parameter as a numpy array in this process's memory (gathered from every process)."""
+  graphdef, state = nnx.split(module)
+  return nnx.merge(graphdef, jax.tree.map(np.asarray, gather(state)))
+
+
 def local_pipeline(pipe: StableDiffusion) -> StableDiffusion:
   """`pipe` with every parameter gathered onto this process's default device (a collective with several
   processes): what a process needs to write or sample the whole model on its own."""

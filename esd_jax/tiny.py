@@ -37,18 +37,20 @@ TEXT_ENCODER = {  # vocab_size and eos_token_id from the tokenizer: models.clip.
 }
 
 
-def random_pipeline(folder: str | os.PathLike, *, seed: int = 0) -> StableDiffusion:
-  """Builds the small random pipeline, saves it as a diffusers folder at `folder`, and returns it."""
+def random_pipeline(folder: str | os.PathLike, *, seed: int = 0, unet: dict = UNET, vae: dict = VAE,
+                    text_encoder: dict = TEXT_ENCODER, max_length: int = 16) -> StableDiffusion:
+  """Builds a random pipeline (by default the small one of this module; any UNet / VAE / text encoder configs,
+  e.g. SD 1.4's, with this module's small vocabulary), saves it as a diffusers folder at `folder`, returns it."""
   from transformers import CLIPTokenizer
 
   from convert.diffusers_format import save_pipeline
   from esd_jax.tokenizer import write_clip_tokenizer
 
   with tempfile.TemporaryDirectory() as tmp:  # save_pipeline copies the tokenizer into the folder
-    write_clip_tokenizer(Path(tmp) / 'tokenizer', WORDS, model_max_length=16)
+    write_clip_tokenizer(Path(tmp) / 'tokenizer', WORDS, model_max_length=max_length)
     tokenizer = CLIPTokenizer.from_pretrained(str(Path(tmp) / 'tokenizer'))
-  pipe = StableDiffusion(unet=build(UNET, seed=seed), vae=build(VAE, seed=seed + 1),
-                         text_encoder=build(clip.for_vocabulary(TEXT_ENCODER, len(tokenizer)), seed=seed + 2),
+  pipe = StableDiffusion(unet=build(unet, seed=seed), vae=build(vae, seed=seed + 1),
+                         text_encoder=build(clip.for_vocabulary(text_encoder, len(tokenizer)), seed=seed + 2),
                          tokenizer=tokenizer, scheduler_config=dict(SCHEDULER))
   save_pipeline(pipe, folder)
   return pipe

@@ -157,24 +157,24 @@ def objective_of(erase: ml_collections.ConfigDict, train: ml_collections.ConfigD
                        compute_dtype=train.compute_dtype, remat=train.remat)
 
 
-def _fingerprint(frozen: dict[str, jax.Array], keys: list[str]) -> str:
+def _fingerprint(base: dict[str, jax.Array], keys: list[str]) -> str:
   """Identifies the base weights a run trains, cheaply: per trained tensor, its float64 sum and sum of squares."""
   digest = hashlib.sha256()
   for k in keys:
-    x = np.asarray(distributed.gather(frozen[k]), np.float64)  # one tensor at a time, gathered from every process
+    x = np.asarray(distributed.gather(base[k]), np.float64)  # one tensor at a time, gathered from every process
     digest.update(f'{k}:{x.shape}:{x.sum():.17g}:{np.square(x).sum():.17g};'.encode())
   return digest.hexdigest()[:16]
 
 
 def run_metadata(config: ml_collections.ConfigDict, plan: Plan, pipe: StableDiffusion, keys: list[str],
-                 frozen: dict[str, jax.Array]) -> dict[str, Any]:
+                 base: dict[str, jax.Array]) -> dict[str, Any]:
   """What a checkpoint must agree with to be resumed (checkpoints.RESUMABLE lists what may change)."""
   erase, train = config.erase, config.train
   concepts = plan.concepts
   return {
       'model': str(config.model), 'unet_config_sha': hashlib.sha256(
           json.dumps(dict(pipe.unet.config), sort_keys=True).encode()).hexdigest()[:16],
-      'base_weights': _fingerprint(frozen, keys), 'method': erase.method, 'patterns': list(erase.patterns),
+      'base_weights': _fingerprint(base, keys), 'method': erase.method, 'patterns': list(erase.patterns),
       'trained_tensors': len(keys), 'concepts': [c.prompt for c in concepts],
       'erase_from': [c.erase_from for c in concepts],
       'concept_negative_guidance': [c.negative_guidance for c in concepts],
@@ -184,7 +184,7 @@ def run_metadata(config: ml_collections.ConfigDict, plan: Plan, pipe: StableDiff
       'convention': erase.convention, 'negative_guidance': erase.negative_guidance, 'guidance': erase.guidance,
       'ddim_steps': erase.ddim_steps, 'sampler': erase.sampler, 'resolution': erase.resolution,
       'learning_rate': train.learning_rate, 'batch_size': train.batch_size, 'seed': train.seed,
-      'compute_dtype': train.compute_dtype,
+      'compute_dtype': train.compute_dtype, 'frozen_dtype': train.frozen_dtype,
   }
 
 
@@ -205,11 +205,14 @@ class Models(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """What both model layouts share: the mesh, the frozen base and the trained keys, the objective, the prompts."""
+  """What both model layouts share: the mesh, the frozen base and the trained keys, the objective, the prompts.
+  `base` holds the trained keys' original float32 tensors (where the trained subset starts); `frozen` is the
+  whole base in train.frozen_dtype (the same arrays when that is float32)."""
 
   mesh: jax.sharding.Mesh
   layout: Any
   frozen: dict[str, jax.Array]
+  base: dict[str, jax.Array]
   frozen_sharding: dict[str, jax.sharding.NamedSharding]
   keys: list[str]
   objective: esd.Objective
@@ -228,10 +231,6 @@ class Setup:
     if self.abstract:
       return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree, shardings)
     return jax.tree.map(distributed.put, tree, shardings)
-
-  @property
-  def base(self) -> dict[str, jax.Array]:
-    return {k: self.frozen[k] for k in self.keys}
 
   @property
   def step_kwargs(self) -> dict:
@@ -323,13 +322,17 @@ def run_mesh(config: ml_collections.ConfigDict, plan: Plan) -> jax.sharding.Mesh
 def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, unet, prompts: esd.Prompts,
                scheduler_config, latent_shape: tuple[int, int, int], *, abstract: bool = False) -> Setup:
   """The shared set-up around `unet` (its parameters on the mesh already, or abstract)."""
-  layout, frozen = split_flat(unet)
-  frozen_sh = sharding.param_shardings(frozen, mesh, config.mesh.min_shard_size)
-  keys = methods.trained_keys(frozen, config.erase.method, config.erase.patterns)
+  layout, params = split_flat(unet)
+  frozen_sh = sharding.param_shardings(params, mesh, config.mesh.min_shard_size)
+  keys = methods.trained_keys(params, config.erase.method, config.erase.patterns)
   objective = objective_of(config.erase, config.train)
-  setup = Setup(mesh, layout, frozen, frozen_sh, keys, objective, objective.scheduler(scheduler_config), prompts,
+  setup = Setup(mesh, layout, params, {}, frozen_sh, keys, objective, objective.scheduler(scheduler_config), prompts,
                 latent_shape, config.train.batch_size, abstract)
-  return dataclasses.replace(setup, frozen=setup.place(frozen, frozen_sh))
+  params = setup.place(params, frozen_sh)
+  dtype = jnp.dtype(config.train.frozen_dtype)
+  frozen = params if dtype == jnp.float32 else setup.run(
+      jax.jit(lambda p: jax.tree.map(lambda a: a.astype(dtype), p), out_shardings=frozen_sh), params)
+  return dataclasses.replace(setup, frozen=frozen, base={k: params[k] for k in keys})
 
 
 def set_up(config: ml_collections.ConfigDict, plan: Plan, pipe: StableDiffusion | None
@@ -344,7 +347,10 @@ def set_up(config: ml_collections.ConfigDict, plan: Plan, pipe: StableDiffusion 
   prompts = encode_concepts(pipe, plan.concepts, config.erase.negative_guidance, height=size, width=size)
   setup = make_setup(config, mesh, pipe.unet, prompts, pipe.scheduler_config,
                      (h, w, pipe.unet.config['in_channels']))
-  return pipe, setup, run_metadata(config, plan, pipe, setup.keys, setup.frozen)
+  if config.train.frozen_dtype != 'float32':
+    # The float32 UNet goes to host memory (for the export); the devices keep the frozen copy and the trained subset.
+    pipe = dataclasses.replace(pipe, unet=distributed.on_host(pipe.unet))
+  return pipe, setup, run_metadata(config, plan, pipe, setup.keys, setup.base)
 
 
 # --------------------------------------------------------------------------------------------------------------

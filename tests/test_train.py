@@ -172,3 +172,24 @@ def test_a_full_disk_while_checkpointing_is_one_message(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match='shapes differ'):
     checkpoints.save(1, {'w': np.zeros(3, np.float32)}, {}, {})
   checkpoints.close()
+
+
+def test_frozen_base_in_bfloat16(model, tmp_path):
+  # The teacher reads weights rounded to bf16; the trained subset starts from the float32 originals (the run's
+  # fingerprint of them is the float32 one), and the export's other tensors are the float32 base, bit for bit.
+  from convert.erased import write_erased
+  from esd_jax.loading import load_pipeline
+  from esd_jax.methods import trained_keys
+  from esd_jax.models.state_dict import split_flat
+  from esd_jax.train import _fingerprint
+  run = run_erasure(_config(model, tmp_path / 'run', frozen_dtype='bfloat16', iterations=2), progress=False)
+  _, base = split_flat(load_pipeline(model).unet)
+  assert run.metadata['frozen_dtype'] == 'bfloat16'
+  assert run.metadata['base_weights'] == _fingerprint(base, trained_keys(base, 'esd-x'))
+  moved = [k for k in run.trained if not np.array_equal(np.asarray(run.trained[k]), np.asarray(base[k]))]
+  assert len(moved) == len(run.trained) == 20 and all(run.trained[k].dtype == np.float32 for k in run.trained)
+  written = write_erased(run.pipe, run.trained, tmp_path / 'export', ['unet'])
+  unet = load_file(next(Path(written['unet']).glob('*.safetensors')))
+  untrained = [k for k in base if k not in run.trained]
+  assert untrained and all(np.array_equal(unet[k], np.asarray(base[k])) for k in untrained)
+  assert all(unet[k].dtype == np.float32 for k in unet)

@@ -1,0 +1,91 @@
+"""Which Stable Diffusion erasures fit which chips: `main.py plan` (esd_jax/cost.py) over models × methods × compute
+dtypes × remat × meshes, as one markdown table.
+
+    python benchmarks/plan_table.py                                   # the whole grid (hours on 2 CPU cores)
+    python benchmarks/plan_table.py --models sd-v1-4 --meshes 1 --json plan.json
+
+Every row is one `main.py plan` in its own process (emulated CPU devices stand for the chips: plan.devices), on the
+reference configs (no weights), 512 px for SD 1.4, 768 px for SD 2.1, 1024 px for SDXL (their native sizes), batch
+1, the paper's convention. Memory is XLA's per device: arguments (frozen base, trained subset, Adam moments, the
+step's inputs) + outputs − donated + temporaries. XLA:CPU's buffer assignment estimates what the TPU and GPU
+compilers would allocate, not more. The last columns mark the chip sizes the total fits: 16 GB (v5e), 32 GB (v4),
+95 GB (v5p), 141 GB (H200); GB here are 10^9 bytes, as chip memory is quoted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHIPS_GB = (16, 32, 95, 141)
+CONCEPTS = ('Van Gogh', 'Picasso', 'Monet', 'Rembrandt', 'Dali', 'Klimt', 'Hokusai', 'Kahlo')
+# name → (devices, config flags)
+MESHES = {
+    '1': (1, ['--config.mesh.data=1', '--config.mesh.fsdp=1']),
+    'fsdp8': (8, ['--config.mesh.data=1', '--config.mesh.fsdp=8']),
+    'data2xfsdp4': (8, ['--config.mesh.data=2', '--config.mesh.fsdp=4', '--config.train.batch_size=2']),
+    'concept8': (8, ['--config.mesh.concept=8', '--config.mesh.data=1', '--config.mesh.fsdp=1',
+                     '--config.erase.separate_models=True', f'--config.erase.concepts={CONCEPTS!r}']),
+}
+
+
+def plan(model: str, method: str, dtype: str, remat: str, mesh: str, out: Path) -> dict:
+  devices, flags = MESHES[mesh]
+  if mesh == 'concept8' and method != 'esd-x':
+    return {}
+  start = time.perf_counter()
+  result = subprocess.run(
+      [sys.executable, str(ROOT / 'main.py'), 'plan', f'--config.model={model}', f'--config.erase.method={method}',
+       f'--config.train.compute_dtype={dtype}', f'--config.train.remat={remat}', f'--config.plan.devices={devices}',
+       f'--config.plan.json={out}', '--config.erase.concepts=("Van Gogh",)', *flags],
+      capture_output=True, text=True)
+  if result.returncode:
+    return {'error': result.stderr.strip().splitlines()[-1]}
+  return {**json.loads(out.read_text()), 'compile_s': round(time.perf_counter() - start, 1), 'mesh_name': mesh}
+
+
+def row(r: dict) -> str:
+  gib = lambda key: r['per_device_bytes'][key] / 2 ** 30
+  state = gib('frozen_base') + gib('trained') + gib('adam')
+  total_gb = r['per_device_bytes']['total'] / 1e9
+  fits = ' | '.join('✓' if total_gb <= chip else '' for chip in CHIPS_GB)
+  return (f'| {r["model"]} | {r["method"]} | {r["compute_dtype"]} | {r["remat"]} | {r["mesh_name"]} | '
+          f'{state:.2f} | {gib("temporaries"):.2f} | {gib("total"):.2f} | '
+          f'{r["flops"]["xla_per_iteration"] / 1e12:.2f} | {fits} |')
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--models', nargs='+', default=['sd-v1-4', 'sd-v2-1', 'sdxl-base-1.0'])
+  parser.add_argument('--methods', nargs='+', default=['esd-x', 'esd-u'])
+  parser.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'])
+  parser.add_argument('--remat', nargs='+', default=['none', 'blocks'])
+  parser.add_argument('--meshes', nargs='+', default=list(MESHES), choices=list(MESHES))
+  parser.add_argument('--json', type=Path, help='also write every row here')
+  args = parser.parse_args()
+  rows = []
+  print('| model | method | compute | remat | mesh | frozen + trained + Adam GiB | temporaries GiB | total GiB | '
+        'TFLOP / iteration (XLA) | ' + ' | '.join(f'{c} GB' for c in CHIPS_GB) + ' |')
+  print('|' + '---|' * 5 + '---:|' * 4 + '---|' * len(CHIPS_GB), flush=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    for model, method, dtype, remat, mesh in itertools.product(args.models, args.methods, args.dtypes, args.remat,
+                                                               args.meshes):
+      r = plan(model, method, dtype, remat, mesh, Path(tmp) / 'plan.json')
+      if not r:
+        continue
+      rows.append(r)
+      print(row(r) if 'error' not in r else f'| {model} | {method} | {dtype} | {remat} | {mesh} | {r["error"]} |',
+            flush=True)
+  if args.json:
+    args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == '__main__':
+  main()
