@@ -1,5 +1,5 @@
 """Which Stable Diffusion erasures fit which chips: `main.py plan` (esd_jax/cost.py) over models × methods × compute
-dtypes × remat × meshes, as one markdown table.
+dtypes × remat × meshes (and one train.frozen_dtype), as one markdown table.
 
     python benchmarks/plan_table.py                                   # the whole grid (hours on 2 CPU cores)
     python benchmarks/plan_table.py --models sd-v1-4 --meshes 1 --json plan.json
@@ -36,14 +36,15 @@ MESHES = {
 }
 
 
-def plan(model: str, method: str, dtype: str, remat: str, mesh: str, out: Path) -> dict:
+def plan(model: str, method: str, dtype: str, remat: str, mesh: str, out: Path, frozen: str) -> dict:
   devices, flags = MESHES[mesh]
   if mesh == 'concept8' and method != 'esd-x':
     return {}
   start = time.perf_counter()
   result = subprocess.run(
       [sys.executable, str(ROOT / 'main.py'), 'plan', f'--config.model={model}', f'--config.erase.method={method}',
-       f'--config.train.compute_dtype={dtype}', f'--config.train.remat={remat}', f'--config.plan.devices={devices}',
+       f'--config.train.compute_dtype={dtype}', f'--config.train.remat={remat}',
+       f'--config.train.frozen_dtype={frozen}', f'--config.plan.devices={devices}',
        f'--config.plan.json={out}', '--config.erase.concepts=("Van Gogh",)', *flags],
       capture_output=True, text=True)
   if result.returncode:
@@ -56,7 +57,8 @@ def row(r: dict) -> str:
   state = gib('frozen_base') + gib('trained') + gib('adam')
   total_gb = r['per_device_bytes']['total'] / 1e9
   fits = ' | '.join('✓' if total_gb <= chip else '' for chip in CHIPS_GB)
-  return (f'| {r["model"]} | {r["method"]} | {r["compute_dtype"]} | {r["remat"]} | {r["mesh_name"]} | '
+  compute = r['compute_dtype'] + ('' if r['frozen_dtype'] == 'float32' else f', frozen base {r["frozen_dtype"]}')
+  return (f'| {r["model"]} | {r["method"]} | {compute} | {r["remat"]} | {r["mesh_name"]} | '
           f'{state:.2f} | {gib("temporaries"):.2f} | {gib("total"):.2f} | '
           f'{r["flops"]["xla_per_iteration"] / 1e12:.2f} | {fits} |')
 
@@ -68,6 +70,7 @@ def main():
   parser.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'])
   parser.add_argument('--remat', nargs='+', default=['none', 'blocks'])
   parser.add_argument('--meshes', nargs='+', default=list(MESHES), choices=list(MESHES))
+  parser.add_argument('--frozen-dtype', default='float32', help='train.frozen_dtype of every row')
   parser.add_argument('--json', type=Path, help='also write every row here')
   args = parser.parse_args()
   rows = []
@@ -77,7 +80,7 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     for model, method, dtype, remat, mesh in itertools.product(args.models, args.methods, args.dtypes, args.remat,
                                                                args.meshes):
-      r = plan(model, method, dtype, remat, mesh, Path(tmp) / 'plan.json')
+      r = plan(model, method, dtype, remat, mesh, Path(tmp) / 'plan.json', args.frozen_dtype)
       if not r:
         continue
       rows.append(r)
