@@ -66,7 +66,7 @@ def test_plan_command_on_emulated_devices_shards_the_base(tmp_path):
   # tensor of at least min_shard_size elements, and the step gathers them.
   out = tmp_path / 'plan.json'
   result = subprocess.run([sys.executable, str(ROOT / 'main.py'), 'plan', '--config.model=tiny-random',
-                           f'--config.workdir={tmp_path}', '--config.erase.ddim_steps=4', '--config.plan.devices=4',
+                           f'--config.workdir={tmp_path}', '--config.erase.method=esd-x', '--config.plan.devices=4',
                            f'--config.plan.json={out}', '--config.mesh.data=1', '--config.mesh.fsdp=4',
                            '--config.mesh.min_shard_size=1024'], capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
