@@ -71,8 +71,7 @@ def put(value, sharding):
 
 def on_host(module: nnx.Module) -> nnx.Module:
   """`module` with every parameter as a numpy array in this process's memory (gathered from every process)."""
-  graphdef, state = nnx.split(module)
-  return nnx.merge(graphdef, jax.tree.map(np.asarray, gather(state)))
+  return _gathered(module, np.asarray)
 
 
 def local_pipeline(pipe: StableDiffusion) -> StableDiffusion:
@@ -80,10 +79,11 @@ def local_pipeline(pipe: StableDiffusion) -> StableDiffusion:
   processes): what a process needs to write or sample the whole model on its own."""
   if jax.process_count() == 1:
     return pipe
-  gathered = {}
-  for name in ('unet', 'vae', 'text_encoder', 'text_encoder_2'):
-    module = getattr(pipe, name)
-    if module is not None:
-      graphdef, state = nnx.split(module)
-      gathered[name] = nnx.merge(graphdef, jax.tree.map(jnp.asarray, gather(state)))
-  return dataclasses.replace(pipe, **gathered)
+  components = {name: getattr(pipe, name) for name in ('unet', 'vae', 'text_encoder', 'text_encoder_2')}
+  return dataclasses.replace(pipe, **{name: _gathered(module, jnp.asarray) for name, module in components.items()
+                                      if module is not None})
+
+
+def _gathered(module: nnx.Module, place) -> nnx.Module:
+  graphdef, state = nnx.split(module)
+  return nnx.merge(graphdef, jax.tree.map(place, gather(state)))

@@ -114,16 +114,26 @@ def draw(key: jax.Array, objective: Objective, scheduler, *, batch: int, latent_
   stride = scheduler.num_train_timesteps // n
   x_T = jax.random.normal(k_noise, (batch, *latent_shape), jnp.float32) * scheduler.init_noise_sigma
   concept = jax.random.randint(k_concept, (), 0, num_concepts)
+  step = jax.random.randint(k_step, (), *_step_range(objective))
   if objective.convention == 'paper':
-    step = jax.random.randint(k_step, (), 0, n)
     t = stride * step + jax.random.randint(k_t, (), 0, stride)
   elif objective.convention == 'diffusers-v1':
-    step = jax.random.randint(k_step, (), 1, n - 1)
     t = scheduler.num_train_timesteps - stride * step
   else:
-    step = jax.random.randint(k_step, (), 0, n)
     t = scheduler.timestep(step, n)
   return Draws(x_T, step.astype(jnp.int32), t.astype(jnp.int32), concept.astype(jnp.int32))
+
+
+def _step_range(objective: Objective) -> tuple[int, int]:
+  """The values `draw` gives `step` (t_enc or k), each equally likely: [low, high)."""
+  n = objective.ddim_steps
+  return (1, n - 1) if objective.convention == 'diffusers-v1' else (0, n)
+
+
+def _sampler_span(objective: Objective, step):
+  """(start, stop) of the sampler's steps for a drawn `step` (a traced value or an int)."""
+  n = objective.ddim_steps
+  return (1, jnp.minimum(n, n + 1 - step)) if objective.convention == 'paper' else (0, step)
 
 
 def share_timesteps(draws: Draws) -> Draws:
@@ -165,20 +175,15 @@ def sample_x_t(objective: Objective, scheduler, unet, x_T: jax.Array, step: jax.
     e_uncond, e_cond = jnp.split(_predict(unet, jnp.concatenate([x, x]), t, both, dtype), 2)
     return e_uncond + objective.guidance * (e_cond - e_uncond)
 
-  if objective.convention == 'paper':
-    start, stop = 1, jnp.minimum(n, n + 1 - step)
-  else:
-    start, stop = 0, step
+  start, stop = _sampler_span(objective, step)
   x_t, _ = scheduler.denoise(model_fn, x_T, n, start=start, stop=stop)
   return jax.lax.stop_gradient(x_t)
 
 
 def sampler_steps(objective: Objective) -> list[int]:
   """The sampler steps sample_x_t runs for each value `draw` can give `step`, in order (each equally likely)."""
-  n = objective.ddim_steps
-  if objective.convention == 'paper':
-    return [min(n, n + 1 - t_enc) - 1 for t_enc in range(n)]
-  return list(range(1, n - 1)) if objective.convention == 'diffusers-v1' else list(range(n))
+  spans = (_sampler_span(objective, step) for step in range(*_step_range(objective)))
+  return [int(stop) - start for start, stop in spans]
 
 
 def esd_loss(trained: Params, frozen: Params, layout: ParamLayout, objective: Objective, scheduler,

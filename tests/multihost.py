@@ -37,12 +37,18 @@ def process_flags(i: int, processes: int, port: int) -> list[str]:
           f'--config.mesh.num_processes={processes}', f'--config.mesh.process_id={i}']
 
 
+def start(args, *, processes: int, devices: int, cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+          ) -> list[subprocess.Popen]:
+  """Starts `main.py args` as `processes` processes of one run (each in its own session, so killpg ends it)."""
+  port = free_port()
+  return [subprocess.Popen([sys.executable, str(ROOT / 'main.py'), *args, *process_flags(i, processes, port)],
+                           env=env(devices), cwd=cwd, stdout=stdout, stderr=stderr, text=True,
+                           start_new_session=True) for i in range(processes)]
+
+
 def launch(args, *, processes: int, devices: int, cwd, timeout: float = 600) -> list[tuple[int, str, str]]:
   """Runs `main.py args` as `processes` processes of one run; returns (exit code, stdout, stderr) of each."""
-  port = free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, str(ROOT / 'main.py'), *args, *process_flags(i, processes, port)], env=env(devices), cwd=cwd,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) for i in range(processes)]
+  procs = start(args, processes=processes, devices=devices, cwd=cwd)
   deadline = time.time() + timeout
   try:
     logs = [p.communicate(timeout=max(1, deadline - time.time())) for p in procs]

@@ -5,14 +5,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from tests.multihost import ROOT, check_all_succeeded, env, free_port, launch, main_py, process_flags
+from tests.multihost import check_all_succeeded, launch, main_py, start
 
 pytestmark = pytest.mark.multihost
 
@@ -64,11 +63,9 @@ def test_esd_x_two_concepts_per_step_across_two_processes_equals_one_process_and
   _one_model_two_processes_equals_one_process(model, tmp_path, 'esd-x', 20, *_TWO_CONCEPTS_PER_STEP)
   # Both processes killed together (SIGKILL) after the step-2 checkpoint, then relaunched: the run resumes there
   # and ends where the uninterrupted two-process run (tmp_path/two) ended; its exports are byte for byte the same.
-  port, killed = free_port(), tmp_path / 'killed'
+  killed = tmp_path / 'killed'
   args = _erase(model, killed, *_FSDP_ACROSS_BOTH, *_TWO_CONCEPTS_PER_STEP)
-  procs = [subprocess.Popen([sys.executable, str(ROOT / 'main.py'), *args, *process_flags(i, 2, port)], env=env(2),
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True) for i in range(2)]
+  procs = start(args, processes=2, devices=2, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 400
     while not (killed / 'checkpoints' / '2').is_dir() and time.time() < deadline and procs[0].poll() is None:
@@ -144,11 +141,7 @@ def test_separate_models_one_per_process_equal_one_process(model, tmp_path):
 def test_a_lost_process_stops_the_other(model, tmp_path):
   args = _erase(model, tmp_path / 'run', '--config.mesh.data=1', '--config.mesh.fsdp=4',
                 '--config.mesh.heartbeat_timeout_s=15', '--config.train.iterations=2000')
-  procs, port = [], free_port()
-  for i in range(2):
-    procs.append(subprocess.Popen(
-        [sys.executable, str(ROOT / 'main.py'), *args, *process_flags(i, 2, port)], env=env(2), cwd=tmp_path,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True))
+  procs = start(args, processes=2, devices=2, cwd=tmp_path, stdout=subprocess.DEVNULL)
   try:
     deadline = time.time() + 400
     checkpoints = tmp_path / 'run' / 'checkpoints'
