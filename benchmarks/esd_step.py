@@ -110,7 +110,7 @@ def timed(fn, reps: int, sync=lambda out: out, warmup=None) -> tuple[dict, objec
   return {'first_s': first, 'median_ms': 1e3 * statistics.median(times), 'min_ms': 1e3 * min(times)}, out
 
 
-def run_jax(name: str, reps: int, t_enc: int) -> dict:
+def run_jax(name: str, reps: int, t_enc: int, attention_implementation: str) -> dict:
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   import functools
 
@@ -121,14 +121,16 @@ def run_jax(name: str, reps: int, t_enc: int) -> dict:
   from esd_jax import esd
   from esd_jax.generate import Conditioning
   from esd_jax.methods import trained_keys
-  from esd_jax.models import build
+  from esd_jax.models import attention, build
   from esd_jax.models.state_dict import split_flat
   from esd_jax.tiny import SCHEDULER
 
   after_imports = peak_rss_mb()
   config = unet_config(name)
   x_T, uncond_np, concept_np = inputs(config, CONFIGS[name]['context_len'])
-  layout, frozen = split_flat(build(config, seed=0))
+  unet = build(config, seed=0)
+  attention.use(unet, attention_implementation)
+  layout, frozen = split_flat(unet)
   keys = trained_keys(frozen, METHOD)
   objective = esd.Objective(convention='paper', negative_guidance=ETA, guidance=GUIDANCE,
                             ddim_steps=DDIM_STEPS)
@@ -268,18 +270,18 @@ def busy_cpu_seconds() -> float:
 def worker(args: argparse.Namespace) -> None:
   name = args.configs[0]
   if args.worker == 'jax':
-    result = run_jax(name, args.reps, args.t_enc)
+    result = run_jax(name, args.reps, args.t_enc, args.attention[0])
   else:
     result = run_torch(name, args.reps, args.t_enc, args.torch_threads)
   result.update(peak_rss_mb=peak_rss_mb(), rss_end_mb=current_rss_mb(), cpu_s=cpu_seconds())
   print('RESULT ' + json.dumps(result))
 
 
-def launch(impl: str, name: str, args: argparse.Namespace) -> dict:
+def launch(impl: str, name: str, args: argparse.Namespace, attention: str = 'xla') -> dict:
   """Runs one implementation's worker in a fresh process; adds the CPU time other work took meanwhile."""
   env = dict(os.environ, OMP_WAIT_POLICY=OMP_WAIT_POLICY)
   command = [sys.executable, __file__, '--worker', impl, '--configs', name, '--reps', str(args.reps),
-             '--t-enc', str(args.t_enc), '--torch-threads', str(args.torch_threads)]
+             '--t-enc', str(args.t_enc), '--torch-threads', str(args.torch_threads), '--attention', attention]
   busy, tick = busy_cpu_seconds(), time.perf_counter()
   proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
   lines = [line for line in proc.stdout.splitlines() if line.startswith('RESULT ')]
@@ -293,54 +295,54 @@ def launch(impl: str, name: str, args: argparse.Namespace) -> dict:
   return result
 
 
-def table(name: str, t_enc: int, ours: dict, ref: dict) -> str:
-  """The markdown table of one config: times in ms, median (min); ratio = torch / ours on the medians."""
+def table(name: str, t_enc: int, ours: dict[str, dict], ref: dict) -> str:
+  """The markdown table of one config: times in ms, median (min), for each of our attention implementations and
+  the reference; torch / ours on the medians, for each of ours."""
   config = unet_config(name)
   steps = sampling_steps(t_enc)
+  first_of_ours = next(iter(ours.values()))
   median = lambda r, key: r['times'][key]['median_ms']
   timing = lambda r, key: f"{median(r, key):.1f} ({r['times'][key]['min_ms']:.1f})"
+  heads = [f'ours, {a} attention' for a in ours] + ['PyTorch reference'] + [f'torch / ours ({a})' for a in ours]
   lines = [
       f"### {name}: {len(config['block_out_channels'])} levels {tuple(config['block_out_channels'])}, "
       f"{config['sample_size']}×{config['sample_size']} latents, context {CONFIGS[name]['context_len']}×"
-      f"{config['cross_attention_dim']}, {ours['params'] / 1e6:.2f} M parameters, {METHOD} trains "
-      f"{ours['trained'] / 1e6:.3f} M",
-      '', '| ms per call, median (min) | ours (JAX) | PyTorch reference | torch / ours |',
-      '|---|---|---|---|']
+      f"{config['cross_attention_dim']}, {first_of_ours['params'] / 1e6:.2f} M parameters, {METHOD} trains "
+      f"{first_of_ours['trained'] / 1e6:.3f} M",
+      '', '| ms per call, median (min) | ' + ' | '.join(heads) + ' |', '|---' * (len(heads) + 1) + '|']
 
-  def row(label, a, b, ratio=None):
-    lines.append(f"| {label} | {a} | {b} | {'' if ratio is None else f'{ratio:.2f}'} |")
+  def row(label, value, ratio=None):
+    """`value(r)` for each of ours and the reference; `ratio(ours, ref)` for each of ours."""
+    cells = [value(r) for r in (*ours.values(), ref)]
+    cells += [f'{ratio(r, ref):.2f}' if ratio else '' for r in ours.values()]
+    lines.append(f"| {label} | {' | '.join(cells)} |")
 
   pieces = {'sample_1': 'sampling x_t, one guided step (t_enc = 49)',
             'sample_t_enc': f'sampling x_t, t_enc = {t_enc} ({steps} steps)',
             'teacher': 'frozen forwards ε*(x_t, ""), ε*(x_t, c) + target (ours one batch-2 call, torch two)',
             'student': 'student forward + backward + Adam'}
   for key, label in pieces.items():
-    row(label, timing(ours, key), timing(ref, key), median(ref, key) / median(ours, key))
+    row(label, lambda r: timing(r, key), lambda a, b: median(b, key) / median(a, key))
   per_step = lambda r: median(r, 'sample_t_enc') / steps
-  row(f'sampling x_t, per step of the {steps}-step loop (derived)', f'{per_step(ours):.1f}',
-      f'{per_step(ref):.1f}', per_step(ref) / per_step(ours))
+  row(f'sampling x_t, per step of the {steps}-step loop (derived)', lambda r: f'{per_step(r):.1f}',
+      lambda a, b: per_step(b) / per_step(a))
   total = lambda r: sum(median(r, key) for key in ('sample_t_enc', 'teacher', 'student'))
-  row(f'sum of the three pieces at t_enc = {t_enc}', f'{total(ours):.1f}', f'{total(ref):.1f}',
-      total(ref) / total(ours))
-  row('**whole iteration** (esd.train_step / torch_esd.esd_step)', timing(ours, 'whole'),
-      timing(ref, 'whole'), median(ref, 'whole') / median(ours, 'whole'))
-  first = lambda r: f"{r['times']['whole']['first_s']:.1f}"
-  row('warm-up whole iteration at t_enc = 48, s (JAX: compilation + 2-step run)', first(ours), first(ref))
-  megabytes = lambda r, key: f'{r[key]:.0f}'
-  row('peak RSS, MB', megabytes(ours, 'peak_rss_mb'), megabytes(ref, 'peak_rss_mb'),
-      ref['peak_rss_mb'] / ours['peak_rss_mb'])
-  row('RSS at the end (held, without transient peaks), MB', megabytes(ours, 'rss_end_mb'),
-      megabytes(ref, 'rss_end_mb'))
-  row('RSS after imports, MB', megabytes(ours, 'rss_after_imports_mb'),
-      megabytes(ref, 'rss_after_imports_mb'))
-  row(f'loss at t_enc = {t_enc} (each side its own random weights)', f"{ours['loss']:.4g}",
-      f"{ref['loss']:.4g}")
-  compiled = ours['compiled']
-  lines += ['', f"Compiled versions after two different draws: train_step {compiled['train_step']}, "
-            f"sample_x_t {compiled['sample_x_t']} (1: no recompilation). Other work on this machine "
-            f"meanwhile: {ours['other_cores']:.2f} cores (JAX run), {ref['other_cores']:.2f} cores "
-            f"(torch run) of {os.cpu_count()}; worker wall time {ours['wall_s']:.0f} s (JAX), "
-            f"{ref['wall_s']:.0f} s (torch)."]
+  row(f'sum of the three pieces at t_enc = {t_enc}', lambda r: f'{total(r):.1f}', lambda a, b: total(b) / total(a))
+  row('**whole iteration** (esd.train_step / torch_esd.esd_step)', lambda r: timing(r, 'whole'),
+      lambda a, b: median(b, 'whole') / median(a, 'whole'))
+  row('warm-up whole iteration at t_enc = 48, s (JAX: compilation + 2-step run)',
+      lambda r: f"{r['times']['whole']['first_s']:.1f}")
+  row('peak RSS, MB', lambda r: f"{r['peak_rss_mb']:.0f}", lambda a, b: b['peak_rss_mb'] / a['peak_rss_mb'])
+  row('RSS at the end (held, without transient peaks), MB', lambda r: f"{r['rss_end_mb']:.0f}")
+  row('RSS after imports, MB', lambda r: f"{r['rss_after_imports_mb']:.0f}")
+  row(f'loss at t_enc = {t_enc} (each side its own random weights)', lambda r: f"{r['loss']:.4g}")
+  compiled = ', '.join(f"{a}: train_step {r['compiled']['train_step']}, sample_x_t {r['compiled']['sample_x_t']}"
+                       for a, r in ours.items())
+  others = ', '.join(f"{r['other_cores']:.2f} ({a})" for a, r in ours.items())
+  walls = ', '.join(f"{r['wall_s']:.0f} s ({a})" for a, r in ours.items())
+  lines += ['', f"Compiled versions after two different draws (1: no recompilation): {compiled}. Other work on "
+            f"this machine meanwhile, cores of {os.cpu_count()}: {others}, {ref['other_cores']:.2f} (torch); "
+            f"worker wall time {walls}, {ref['wall_s']:.0f} s (torch)."]
   return '\n'.join(lines)
 
 
@@ -352,6 +354,8 @@ def main() -> None:
   parser.add_argument('--t-enc', type=int, default=25,
                       help='paper t_enc ∈ {0..49}: 50 − t_enc sampling steps (49 for 0 and 1)')
   parser.add_argument('--torch-threads', type=int, default=2, help='torch.set_num_threads for the reference')
+  parser.add_argument('--attention', nargs='+', default=['xla', 'auto'],
+                      help='our attention implementations, a column each (esd_jax/models/attention.py)')
   parser.add_argument('--worker', choices=('jax', 'torch'), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if not 0 <= args.t_enc < DDIM_STEPS:
@@ -365,8 +369,8 @@ def main() -> None:
         f'steps, batch 1; torch.set_num_threads({args.torch_threads}) with OMP_WAIT_POLICY='
         f'{OMP_WAIT_POLICY}, XLA:CPU with its default thread pool.\n', flush=True)
   for name in args.configs:
-    ours, ref = (launch(impl, name, args) for impl in ('jax', 'torch'))
-    print(table(name, args.t_enc, ours, ref) + '\n', flush=True)
+    ours = {a: launch('jax', name, args, a) for a in args.attention}
+    print(table(name, args.t_enc, ours, launch('torch', name, args)) + '\n', flush=True)
 
 
 if __name__ == '__main__':

@@ -36,7 +36,7 @@ MESHES = {
 }
 
 
-def plan(model: str, method: str, dtype: str, remat: str, mesh: str, out: Path, frozen: str) -> dict:
+def plan(model: str, method: str, dtype: str, remat: str, mesh: str, out: Path, frozen: str, attention: str) -> dict:
   devices, flags = MESHES[mesh]
   if mesh == 'concept8' and method != 'esd-x':
     return {}
@@ -44,7 +44,7 @@ def plan(model: str, method: str, dtype: str, remat: str, mesh: str, out: Path, 
   result = subprocess.run(
       [sys.executable, str(ROOT / 'main.py'), 'plan', f'--config.model={model}', f'--config.erase.method={method}',
        f'--config.train.compute_dtype={dtype}', f'--config.train.remat={remat}',
-       f'--config.train.frozen_dtype={frozen}', f'--config.plan.devices={devices}',
+       f'--config.train.frozen_dtype={frozen}', f'--config.attention={attention}', f'--config.plan.devices={devices}',
        f'--config.plan.json={out}', '--config.erase.concepts=("Van Gogh",)', *flags],
       capture_output=True, text=True)
   if result.returncode:
@@ -58,7 +58,7 @@ def row(r: dict) -> str:
   total_gb = r['per_device_bytes']['total'] / 1e9
   fits = ' | '.join('✓' if total_gb <= chip else '' for chip in CHIPS_GB)
   compute = r['compute_dtype'] + ('' if r['frozen_dtype'] == 'float32' else f', frozen base {r["frozen_dtype"]}')
-  return (f'| {r["model"]} | {r["method"]} | {compute} | {r["remat"]} | {r["mesh_name"]} | '
+  return (f'| {r["model"]} | {r["method"]} | {compute} | {r["remat"]} | {r["attention"]} | {r["mesh_name"]} | '
           f'{state:.2f} | {gib("temporaries"):.2f} | {gib("total"):.2f} | '
           f'{r["flops"]["xla_per_iteration"] / 1e12:.2f} | {fits} |')
 
@@ -71,21 +71,24 @@ def main():
   parser.add_argument('--remat', nargs='+', default=['none', 'blocks'])
   parser.add_argument('--meshes', nargs='+', default=list(MESHES), choices=list(MESHES))
   parser.add_argument('--frozen-dtype', default='float32', help='train.frozen_dtype of every row')
+  parser.add_argument('--attention', nargs='+', default=['chunked'],
+                      help='attention implementations (chunked: no whole score matrix, as the fused kernels of TPUs '
+                           'and GPUs; xla: the reference, scores whole)')
   parser.add_argument('--json', type=Path, help='also write every row here')
   args = parser.parse_args()
   rows = []
-  print('| model | method | compute | remat | mesh | frozen + trained + Adam GiB | temporaries GiB | total GiB | '
+  print('| model | method | compute | remat | attention | mesh | frozen + trained + Adam GiB | temporaries GiB | total GiB | '
         'TFLOP / iteration (XLA) | ' + ' | '.join(f'{c} GB' for c in CHIPS_GB) + ' |')
-  print('|' + '---|' * 5 + '---:|' * 4 + '---|' * len(CHIPS_GB), flush=True)
+  print('|' + '---|' * 6 + '---:|' * 4 + '---|' * len(CHIPS_GB), flush=True)
   with tempfile.TemporaryDirectory() as tmp:
-    for model, method, dtype, remat, mesh in itertools.product(args.models, args.methods, args.dtypes, args.remat,
-                                                               args.meshes):
-      r = plan(model, method, dtype, remat, mesh, Path(tmp) / 'plan.json', args.frozen_dtype)
+    for model, method, dtype, remat, attention, mesh in itertools.product(
+        args.models, args.methods, args.dtypes, args.remat, args.attention, args.meshes):
+      r = plan(model, method, dtype, remat, mesh, Path(tmp) / 'plan.json', args.frozen_dtype, attention)
       if not r:
         continue
       rows.append(r)
-      print(row(r) if 'error' not in r else f'| {model} | {method} | {dtype} | {remat} | {mesh} | {r["error"]} |',
-            flush=True)
+      print(row(r) if 'error' not in r else
+            f'| {model} | {method} | {dtype} | {remat} | {attention} | {mesh} | {r["error"]} |', flush=True)
   if args.json:
     args.json.write_text(json.dumps(rows, indent=2))
 

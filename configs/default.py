@@ -18,6 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.variant = ''  # weights variant of a diffusers folder, e.g. "fp16"; empty for the default files
   config.tokenizer = ''  # single files only: a CLIPTokenizer folder, when the file carries none
   config.prediction_type = ''  # single files only: 'epsilon' | 'v_prediction' for SD2 files we did not write
+  # How attention runs (esd_jax/models/attention.py): auto (the backend's fastest: splash on TPU, cuDNN on GPU in
+  # bfloat16, chunked on CPU) | xla (the reference) | chunked (query blocks: no whole score matrix) | cudnn | splash
+  config.attention = 'auto'
   config.workdir = 'outputs/default'  # every output of a run goes here; re-running resumes
 
   # What to erase and how (docs/method.md §1-3). The paper's settings, except η = 3 and the training length and rate

@@ -4,8 +4,9 @@ analyses account for it.
 
 On CPU the emulated devices stand for the chips (`plan.devices`). XLA:CPU's buffer assignment estimates what the
 TPU and GPU compilers would allocate, not more: their fusion, layouts and scheduling differ. FLOPs are XLA's count
-of the compiled program, in which the sampler's loop body counts once whatever the draw; the analytic count next
-to it multiplies one UNet forward by the forwards an iteration makes for a given sampler length.
+of the compiled program, in which a loop body counts once (the sampler's whatever the draw, and chunked attention's
+one block of queries); the analytic count next to it multiplies one UNet forward (with the reference attention, no
+loop) by the forwards an iteration makes for a given sampler length.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from esd_jax import esd, train
 from esd_jax.generate import Conditioning, latent_size_of
 from esd_jax.loading import component_config
-from esd_jax.models import build_abstract
+from esd_jax.models import attention, build_abstract
 
 COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective-permute')
 _HLO_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f16': 2, 'bf16': 2, 's16': 2, 'u16': 2, 'f32': 4, 's32': 4, 'u32': 4,
@@ -54,7 +55,9 @@ def abstract_setup(config: ml_collections.ConfigDict, plan: train.Plan) -> train
   size = config.erase.resolution or None
   h, w = latent_size_of(unet_config, component('vae'), size, size)
   from esd_jax.tiny import SCHEDULER  # SD's noise schedule: the step's shapes do not depend on its values
-  return train.make_setup(config, train.run_mesh(config, plan), build_abstract(unet_config),
+  unet = build_abstract(unet_config)
+  attention.use(unet, config.attention)
+  return train.make_setup(config, train.run_mesh(config, plan), unet,
                           abstract_prompts(unet_config, component('text_encoder'), plan.concepts), SCHEDULER,
                           (h, w, unet_config['in_channels']), abstract=True)
 
@@ -78,13 +81,17 @@ def _shard_bytes(tree) -> int:
   return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
-def _unet_forward_flops(setup: train.Setup) -> float:
-  """XLA's FLOPs of one UNet forward on one latent (the run's compute dtype), from the lowered program."""
+def unet_forward_flops(setup: train.Setup) -> float:
+  """XLA's FLOPs of one UNet forward on one latent (the run's compute dtype), from the lowered program, with the
+  reference attention: XLA counts a loop body once, and chunked attention loops over query blocks."""
   dtype = jnp.dtype(setup.objective.compute_dtype)
   params = {k: jax.ShapeDtypeStruct(v.shape, dtype) for k, v in setup.frozen.items()}
   one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape[1:]), dtype), setup.prompts.uncond)
   x = jax.ShapeDtypeStruct((1, *setup.latent_shape), dtype)
-  forward = lambda p, x, c: setup.layout.module(p)(x, jnp.asarray(500), c.context, c.added_cond_kwargs())
+  def forward(p, x, c):
+    unet = setup.layout.module(p)
+    attention.use(unet, 'xla')
+    return unet(x, jnp.asarray(500), c.context, c.added_cond_kwargs())
   return float(_flops(jax.jit(forward).lower(params, x, one).cost_analysis()))
 
 
@@ -103,7 +110,7 @@ def step_cost(config: ml_collections.ConfigDict) -> dict[str, Any]:
   arguments, outputs = memory.argument_size_in_bytes, memory.output_size_in_bytes
   aliased, temporaries = memory.alias_size_in_bytes, memory.temp_size_in_bytes
   n_models, batch = len(plan.groups), config.train.batch_size * config.train.concepts_per_step
-  forward = _unet_forward_flops(setup)
+  forward = unet_forward_flops(setup)
   students = 3 * batch  # the student's forward and its backward (about two forwards)
   frozen = (2 + (setup.prompts.student is not None)) * batch
 
@@ -113,6 +120,7 @@ def step_cost(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {
       'model': str(config.model), 'method': config.erase.method, 'convention': config.erase.convention,
       'compute_dtype': config.train.compute_dtype, 'remat': config.train.remat,
+      'attention': attention.AUTO.get(jax.default_backend(), 'xla') if config.attention == 'auto' else config.attention,
       'frozen_dtype': config.train.frozen_dtype, 'separate_models': n_models if plan.separate else 0,
       'mesh': dict(setup.mesh.shape), 'devices': setup.mesh.size, 'platform': jax.devices()[0].platform,
       'latent_shape': list(setup.latent_shape), 'batch': batch,

@@ -19,6 +19,7 @@ import ml_collections
 
 from esd_jax import shapes_world
 from esd_jax.files import read_json
+from esd_jax.models import attention
 from esd_jax.pipeline import StableDiffusion
 
 REFERENCE_CONFIGS = Path(__file__).parent / 'models' / 'reference_configs'
@@ -92,10 +93,16 @@ def load_pipeline(path: str | os.PathLike, *, variant: str | None = None, tokeni
 
 
 def load_model(config: ml_collections.ConfigDict, *, sharding=None) -> StableDiffusion:
-  """The pipeline that `config.model` names (configs/default.py documents the fields)."""
-  return load_pipeline(model_path(config.model, config.workdir), variant=config.variant or None,
+  """The pipeline that `config.model` names (configs/default.py documents the fields), its attention layers set to
+  `config.attention`."""
+  attention.check(config.attention)
+  pipe = load_pipeline(model_path(config.model, config.workdir), variant=config.variant or None,
                        tokenizer=config.tokenizer or None, prediction_type=config.prediction_type or None,
                        sharding=sharding)
+  for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+    if module is not None:
+      attention.use(module, config.attention)
+  return pipe
 
 
 def component_config(model: str, workdir: str | os.PathLike = '.', component: str = 'unet', *,

@@ -111,6 +111,11 @@ def _remat():
   return list(REMAT)
 
 
+def _attention():
+  from esd_jax.models.attention import IMPLEMENTATIONS
+  return IMPLEMENTATIONS
+
+
 def _conventions():
   from esd_jax.esd import CONVENTIONS
   return CONVENTIONS
@@ -121,6 +126,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     'variant': _text(),
     'tokenizer': _text(),
     'prediction_type': _one_of(('', 'epsilon', 'v_prediction')),
+    'attention': _one_of(_attention),
     'workdir': _text(nonempty=True),
 
     'erase.separate_models': _flag(),
@@ -204,7 +210,8 @@ def _section(name: str) -> tuple[str, ...]:
   return tuple(k for k in RULES if k.startswith(name + '.'))
 
 
-_LOAD = ('model', 'variant', 'tokenizer', 'prediction_type', 'workdir')  # what esd_jax.loading.load_model reads
+# what esd_jax.loading.load_model reads
+_LOAD = ('model', 'variant', 'tokenizer', 'prediction_type', 'attention', 'workdir')
 _MEASURE = tuple(k for k in _section('evaluate') if k != 'evaluate.backend')  # erase measures on JAX
 
 COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
@@ -215,8 +222,8 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
     'evaluate': (*_LOAD, *_section('evaluate'), 'export.weights'),
     'export': (*_LOAD, *_section('export')),
     'dry_run': ('model', 'workdir', 'prediction_type', 'erase.method', 'erase.patterns'),
-    'plan': ('model', 'workdir', 'prediction_type', *_section('erase'), *_section('train'), *_section('mesh'),
-             *_section('plan')),
+    'plan': ('model', 'workdir', 'prediction_type', 'attention', *_section('erase'), *_section('train'),
+             *_section('mesh'), *_section('plan')),
     'train_world': ('output', *_section('world'), *_section('classifier')),
 }
 

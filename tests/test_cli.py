@@ -45,7 +45,8 @@ def test_user_errors_are_one_message_before_any_work(tmp_path):
   (tmp_path / 'weights.bin').write_bytes(b'not a model')
   cases = {('erase', '--config.train.iterations=0'): '--config.train.iterations=0 is not valid',
            ('erase', "--config.export.formats=('onnx',)"): '--config.export.formats',
-           ('generate', f'--config.model={tmp_path / "weights.bin"}'): 'is a file but not a single-file checkpoint'}
+           ('generate', f'--config.model={tmp_path / "weights.bin"}'): 'is a file but not a single-file checkpoint',
+           ('generate', '--config.attention=cudnn'): "attention='cudnn' runs on GPU only, and this backend is 'cpu'"}
   for args, message in cases.items():
     result = _main(*args, f'--config.workdir={tmp_path / "run"}', cwd=tmp_path)
     assert result.returncode == 1 and message in result.stderr, result.stderr[-3000:]

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from esd_jax.models import attention
 from esd_jax.models.config import ModelConfigError, read_config
 from esd_jax.models.layers import Embedding, LayerNorm, Linear, ParamKeys, activation
 
@@ -85,7 +86,10 @@ class CLIPTextOutput(NamedTuple):
 
 
 class CLIPAttention(nnx.Module):
-  """Multi-head causal self-attention (q/k/v/out projections with biases)."""
+  """Multi-head causal self-attention (q/k/v/out projections with biases); `attention_implementation` as in
+  layers.Attention."""
+
+  attention_implementation = 'xla'
 
   def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs):
     self.heads = heads
@@ -96,8 +100,8 @@ class CLIPAttention(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     split = lambda t: t.reshape(*t.shape[:-1], self.heads, -1)  # (B, T, N, H)
-    y = jax.nn.dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
-                                     is_causal=True)
+    y = attention.dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
+                                        implementation=self.attention_implementation, is_causal=True)
     return self.out_proj(y.reshape(*x.shape))
 
 

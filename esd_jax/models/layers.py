@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from esd_jax.models import attention
+
 
 class ParamKeys:
   """Stands in for `nnx.Rngs` while a model's layers draw their initial values: `params()` folds a
@@ -165,10 +167,12 @@ def activation(name: str):
 class Attention(nnx.Module):
   """diffusers' `Attention` (to_q/to_k/to_v/to_out.0), self- or cross-attention.
 
-  Runs through `jax.nn.dot_product_attention` so accelerators get their fused kernels. With
+  `attention_implementation` (models/attention.py) picks the kernel; the default is the XLA reference. With
   `norm_num_groups` it is the VAE's spatial attention block: a `group_norm` first, NHWC in and out, and a
   residual connection divided by `rescale_output_factor`.
   """
+
+  attention_implementation = 'xla'
 
   def __init__(self, query_dim: int, *, cross_attention_dim: int | None = None, heads: int = 8,
                dim_head: int = 64, bias: bool = False, out_bias: bool = True,
@@ -195,7 +199,7 @@ class Attention(nnx.Module):
     context = x if context is None else context
     split = lambda t: t.reshape(*t.shape[:-1], self.heads, -1)  # (B, T, N, H)
     q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
-    y = jax.nn.dot_product_attention(q, k, v)
+    y = attention.dot_product_attention(q, k, v, implementation=self.attention_implementation)
     y = self.to_out[0](y.reshape(*y.shape[:-2], -1))
     if spatial:
       y = y.reshape(b, h, w, c)
