@@ -57,7 +57,8 @@ def row(r: dict) -> str:
   state = gib('frozen_base') + gib('trained') + gib('adam')
   total_gb = r['per_device_bytes']['total'] / 1e9
   fits = ' | '.join('✓' if total_gb <= chip else '' for chip in CHIPS_GB)
-  compute = r['compute_dtype'] + ('' if r['frozen_dtype'] == 'float32' else f', frozen base {r["frozen_dtype"]}')
+  frozen = r['frozen_dtype']
+  compute = r['compute_dtype'] + ('' if frozen == r['compute_dtype'] else f', frozen base {frozen}')
   return (f'| {r["model"]} | {r["method"]} | {compute} | {r["remat"]} | {r["attention"]} | {r["mesh_name"]} | '
           f'{state:.2f} | {gib("temporaries"):.2f} | {gib("total"):.2f} | '
           f'{r["flops"]["xla_per_iteration"] / 1e12:.2f} | {fits} |')
@@ -70,15 +71,15 @@ def main():
   parser.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'])
   parser.add_argument('--remat', nargs='+', default=['none', 'blocks'])
   parser.add_argument('--meshes', nargs='+', default=list(MESHES), choices=list(MESHES))
-  parser.add_argument('--frozen-dtype', default='float32', help='train.frozen_dtype of every row')
+  parser.add_argument('--frozen-dtype', default='auto', help='train.frozen_dtype of every row')
   parser.add_argument('--attention', nargs='+', default=['chunked'],
                       help='attention implementations (chunked: no whole score matrix, as the fused kernels of TPUs '
                            'and GPUs; xla: the reference, scores whole)')
   parser.add_argument('--json', type=Path, help='also write every row here')
   args = parser.parse_args()
   rows = []
-  print('| model | method | compute | remat | attention | mesh | frozen + trained + Adam GiB | temporaries GiB | total GiB | '
-        'TFLOP / iteration (XLA) | ' + ' | '.join(f'{c} GB' for c in CHIPS_GB) + ' |')
+  print('| model | method | compute | remat | attention | mesh | frozen + trained + Adam GiB | temporaries GiB | '
+        'total GiB | TFLOP / iteration (XLA) | ' + ' | '.join(f'{c} GB' for c in CHIPS_GB) + ' |')
   print('|' + '---|' * 6 + '---:|' * 4 + '---|' * len(CHIPS_GB), flush=True)
   with tempfile.TemporaryDirectory() as tmp:
     for model, method, dtype, remat, attention, mesh in itertools.product(

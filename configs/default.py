@@ -53,9 +53,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Memory for compute: the student UNet's blocks recomputed in its backward pass (none | blocks: keep only each
   # block's input | dots: keep its matmul outputs too). Same numbers; `plan` shows what each saves.
   config.train.remat = 'none'
-  # The frozen base on the devices in bfloat16 (half its memory; the teacher then computes from rounded weights):
-  # the trained subset and Adam stay float32, and the float32 UNet waits in host memory for the export.
-  config.train.frozen_dtype = 'float32'  # float32 | bfloat16
+  # The dtype of the frozen base on the devices: auto (the compute dtype: with bfloat16 compute no number changes, as
+  # every layer casts its weights to bfloat16 anyway) | float32 | bfloat16 (with float32 compute the teacher then
+  # reads rounded weights). Below float32 the trained subset and Adam stay float32 and the float32 UNet waits in host
+  # memory for the export.
+  config.train.frozen_dtype = 'auto'
   config.train.checkpoint_every = 100
 
   config.checkpoint = ml_collections.ConfigDict()

@@ -41,7 +41,7 @@ from convert import compvis
 from convert.compvis import LazyTensor
 from esd_jax import files
 from esd_jax.files import atomic_path, np_dtype, write_safetensors
-from esd_jax.models.state_dict import key_of, load_state_dict, state_dict
+from esd_jax.models.state_dict import key_of, load_state_dict, param_shapes, state_dict
 
 # The top-level modules of a diffusers UNet2DConditionModel as esd-jax builds it.
 _UNET_ROOTS = frozenset({'conv_in', 'time_embedding', 'add_embedding', 'down_blocks', 'mid_block',
@@ -110,8 +110,9 @@ def apply_esd_weights(unet: nnx.Module, tensors: Mapping[str, Any], *,
     raise KeyError(f'{source}: {len(unknown)} tensor(s) have no counterpart in this UNet: {_show(unknown)}. '
                    'ESD weights only fit the base model they were trained from (SD 1.x, 2.x or XL): load '
                    'that model first.')
-  wrong = [f'{k} {tuple(v.shape)} (the UNet has {tuple(params[k].shape)})' for k, v in tensors.items()
-           if hasattr(v, 'shape') and tuple(v.shape) != tuple(params[k].shape)]
+  shapes = param_shapes(unet)
+  wrong = [f'{k} {tuple(v.shape)} (the UNet has {shapes[k]})' for k, v in tensors.items()
+           if hasattr(v, 'shape') and tuple(v.shape) != shapes[k]]
   if wrong:
     raise ValueError(f'{source}: {len(wrong)} tensor(s) do not fit this UNet\'s shapes: {_show(wrong, 4)}. '
                      'ESD weights only fit the base model they were trained from: load that model first.')

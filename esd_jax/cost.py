@@ -121,7 +121,7 @@ def step_cost(config: ml_collections.ConfigDict) -> dict[str, Any]:
       'model': str(config.model), 'method': config.erase.method, 'convention': config.erase.convention,
       'compute_dtype': config.train.compute_dtype, 'remat': config.train.remat,
       'attention': attention.AUTO.get(jax.default_backend(), 'xla') if config.attention == 'auto' else config.attention,
-      'frozen_dtype': config.train.frozen_dtype, 'separate_models': n_models if plan.separate else 0,
+      'frozen_dtype': train.frozen_dtype(config.train), 'separate_models': n_models if plan.separate else 0,
       'mesh': dict(setup.mesh.shape), 'devices': setup.mesh.size, 'platform': jax.devices()[0].platform,
       'latent_shape': list(setup.latent_shape), 'batch': batch,
       'trained_tensors': len(setup.keys),

@@ -36,7 +36,7 @@ from esd_jax.generate import encode_prompts, latent_size
 from esd_jax.loading import load_model
 from esd_jax.log import log
 from esd_jax.metrics import MetricsLog
-from esd_jax.models.state_dict import split_flat
+from esd_jax.models.state_dict import split_flat, stored_tensors
 from esd_jax.pipeline import StableDiffusion
 from esd_jax.tokenizer import warn_if_cut
 from esd_jax.workdir import lock_workdir
@@ -44,7 +44,8 @@ from esd_jax.workdir import lock_workdir
 
 @dataclasses.dataclass
 class Erased:
-  """The result of a run: the trained tensors (diffusers keys), what produced them, and the base pipeline.
+  """The result of a run: the trained tensors (diffusers keys, stored layout), what produced them, and the base
+  pipeline.
 
   With erase.separate_models, every tensor has a leading model axis (model m erases the concepts
   `groups[m]`: the lines of one concept prompt, with learning rate `learning_rates[m]` for `iterations[m]`
@@ -151,6 +152,13 @@ def encode_concepts(pipe: StableDiffusion, concepts: list[Concept], negative_gui
                      student=student, has_from=jnp.asarray(has_from), eta=jnp.asarray(eta, jnp.float32))
 
 
+def frozen_dtype(train: ml_collections.ConfigDict) -> str:
+  """The dtype the frozen base is held in: train.frozen_dtype, where 'auto' is the compute dtype. With bfloat16
+  compute that changes no number (every layer casts its weights to bfloat16 anyway) and halves the base's memory,
+  and no step casts the whole base again."""
+  return train.compute_dtype if train.frozen_dtype == 'auto' else train.frozen_dtype
+
+
 def objective_of(erase: ml_collections.ConfigDict, train: ml_collections.ConfigDict) -> esd.Objective:
   return esd.Objective(convention=erase.convention, negative_guidance=erase.negative_guidance,
                        guidance=erase.guidance, ddim_steps=erase.ddim_steps, sampler=erase.sampler,
@@ -184,7 +192,7 @@ def run_metadata(config: ml_collections.ConfigDict, plan: Plan, pipe: StableDiff
       'convention': erase.convention, 'negative_guidance': erase.negative_guidance, 'guidance': erase.guidance,
       'ddim_steps': erase.ddim_steps, 'sampler': erase.sampler, 'resolution': erase.resolution,
       'learning_rate': train.learning_rate, 'batch_size': train.batch_size, 'seed': train.seed,
-      'compute_dtype': train.compute_dtype, 'frozen_dtype': train.frozen_dtype,
+      'compute_dtype': train.compute_dtype, 'frozen_dtype': frozen_dtype(train),
   }
 
 
@@ -329,7 +337,7 @@ def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, unet,
   setup = Setup(mesh, layout, params, {}, frozen_sh, keys, objective, objective.scheduler(scheduler_config), prompts,
                 latent_shape, config.train.batch_size, abstract)
   params = setup.place(params, frozen_sh)
-  dtype = jnp.dtype(config.train.frozen_dtype)
+  dtype = jnp.dtype(frozen_dtype(config.train))
   frozen = params if dtype == jnp.float32 else setup.run(
       jax.jit(lambda p: jax.tree.map(lambda a: a.astype(dtype), p), out_shardings=frozen_sh), params)
   return dataclasses.replace(setup, frozen=frozen, base={k: params[k] for k in keys})
@@ -347,7 +355,7 @@ def set_up(config: ml_collections.ConfigDict, plan: Plan, pipe: StableDiffusion 
   prompts = encode_concepts(pipe, plan.concepts, config.erase.negative_guidance, height=size, width=size)
   setup = make_setup(config, mesh, pipe.unet, prompts, pipe.scheduler_config,
                      (h, w, pipe.unet.config['in_channels']))
-  if config.train.frozen_dtype != 'float32':
+  if frozen_dtype(config.train) != 'float32':
     # The float32 UNet goes to host memory (for the export); the devices keep the frozen copy and the trained subset.
     pipe = dataclasses.replace(pipe, unet=distributed.on_host(pipe.unet))
   return pipe, setup, run_metadata(config, plan, pipe, setup.keys, setup.base)
@@ -411,7 +419,8 @@ def run_erasure(config: ml_collections.ConfigDict, pipe: StableDiffusion | None 
     finally:
       metrics.close()
       checkpoints.close()
-  return Erased(trained=dict(state.trained), workdir=workdir, pipe=pipe, concepts=plan.concepts, groups=plan.groups,
+  trained = stored_tensors(state.trained, stacked=int(plan.separate))
+  return Erased(trained=trained, workdir=workdir, pipe=pipe, concepts=plan.concepts, groups=plan.groups,
                 learning_rates=plan.learning_rates, iterations=plan.iterations, failed=failed,
                 metadata={**metadata, 'iterations': plan.total}, seconds=round(time.perf_counter() - run_start, 1))
 

@@ -148,7 +148,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     'train.seed': _whole(0),
     'train.compute_dtype': _one_of(COMPUTE_DTYPES),
     'train.remat': _one_of(_remat),
-    'train.frozen_dtype': _one_of(COMPUTE_DTYPES),
+    'train.frozen_dtype': _one_of(('auto', *COMPUTE_DTYPES)),
     'train.checkpoint_every': _whole(1),
     'checkpoint.keep': _whole(1),
 

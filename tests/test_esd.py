@@ -14,7 +14,7 @@ from esd_jax import esd
 from esd_jax.generate import Conditioning
 from esd_jax.methods import trained_keys
 from esd_jax.models import build_abstract
-from esd_jax.models.state_dict import split_flat
+from esd_jax.models.state_dict import split_flat, state_dict, stored_tensors
 from tests import torch_esd
 from tests.reference import load_from_torch, nchw, nhwc, rel_err
 from tests.torch_pipelines import SD_SCHEDULER
@@ -77,6 +77,7 @@ CASES += [('paper', 'esd-x', True), ('diffusers-v2', 'esd-x', True)]
 def test_step_matches_pytorch_reference(convention, method, erase_from):
   ref_unet, ours, emb, x_T = _setup()
   loss, x_t, grads, after = _ours(convention, erase_from)
+  grads, after = stored_tensors(grads), stored_tensors(after)  # PyTorch's layouts (convolution kernels OIHW)
   keys = trained_keys(split_flat(ours)[1], method)
   step, t = DRAWS[convention]
   ref_copy = UNet2DConditionModel.from_config(ref_unet.config)
@@ -95,7 +96,7 @@ def test_step_matches_pytorch_reference(convention, method, erase_from):
   flat = lambda tree: np.concatenate([np.ravel(tree[k]) for k in keys])
   assert rel_err(flat(after), flat(want['params_after'])) <= 1e-4
   assert any(np.abs(np.asarray(after[k]) - np.asarray(ours_param)).max() > 0  # the step did move the weights
-             for k, ours_param in split_flat(ours)[1].items() if k in keys)
+             for k, ours_param in state_dict(ours).items() if k in keys)
 
 
 def test_remat_recomputes_the_same_student_gradients():

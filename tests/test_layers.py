@@ -101,3 +101,20 @@ def test_load_state_dict_errors_and_abstract_build():
   load_state_dict(block, {k: (lambda v=v: np.asarray(v)) for k, v in full.items()})
   got = state_dict(block)
   assert all(np.array_equal(got[k], full[k]) for k in full)
+
+
+def test_convolution_kernels_are_held_hwio_and_stored_oihw():
+  # Held in the layout XLA convolves with; every file-facing view (state_dict, param_shapes, load_state_dict) is
+  # PyTorch's, so a round trip through torch is exact and the torch module computes what ours does.
+  from esd_jax.models.state_dict import held, param_shapes, split_flat, stored
+  torch_conv = randomize(torch.nn.Conv2d(3, 5, 3, padding=1), seed=2)
+  ours = load_from_torch(abstract(lambda: layers.Conv2d(3, 5, 3, padding=1, rngs=nnx.Rngs(0))), torch_conv)
+  assert split_flat(ours)[1]['weight'].shape == (3, 3, 3, 5) and param_shapes(ours)['weight'] == (5, 3, 3, 3)
+  assert np.array_equal(state_dict(ours)['weight'], torch_conv.weight.numpy())
+  x = _x((2, 6, 6, 3))
+  assert rel_err(ours(x), nhwc(torch_conv(torch.from_numpy(nchw(x))))) <= 1e-5
+  # Stacked (separate models: a leading model axis) and not; other ranks untouched.
+  kernels = np.arange(2 * 5 * 3 * 3 * 3, dtype=np.float32).reshape(2, 5, 3, 3, 3)
+  assert np.array_equal(stored(held(kernels, stacked=1), stacked=1), kernels)
+  assert np.array_equal(stored(held(kernels[0]))[None], kernels[:1])
+  assert stored(np.zeros((5, 3))).shape == (5, 3) and stored(np.zeros((2, 5, 3)), stacked=1).shape == (2, 5, 3)

@@ -175,17 +175,23 @@ def test_a_full_disk_while_checkpointing_is_one_message(tmp_path, monkeypatch):
 
 
 def test_frozen_base_in_bfloat16(model, tmp_path):
-  # The teacher reads weights rounded to bf16; the trained subset starts from the float32 originals (the run's
-  # fingerprint of them is the float32 one), and the export's other tensors are the float32 base, bit for bit.
+  # bfloat16 compute holds the frozen base in bfloat16 (frozen_dtype auto) and trains exactly as with a float32 base
+  # (each layer rounds its weights to bfloat16 either way); the trained subset starts from the float32 originals (the
+  # run's fingerprint of them is the float32 one), and the export's other tensors are the float32 base, bit for bit.
   from convert.erased import write_erased
   from esd_jax.loading import load_pipeline
   from esd_jax.methods import trained_keys
-  from esd_jax.models.state_dict import split_flat
+  from esd_jax.models.state_dict import split_flat, state_dict
   from esd_jax.train import _fingerprint
-  run = run_erasure(_config(model, tmp_path / 'run', frozen_dtype='bfloat16', iterations=2), progress=False)
-  _, base = split_flat(load_pipeline(model).unet)
+  run = run_erasure(_config(model, tmp_path / 'run', compute_dtype='bfloat16', iterations=2), progress=False)
+  float32_base = run_erasure(_config(model, tmp_path / 'f32', compute_dtype='bfloat16', frozen_dtype='float32',
+                                     iterations=2), progress=False)
+  assert all(np.array_equal(run.trained[k], float32_base.trained[k]) for k in run.trained)
+  base_unet = load_pipeline(model).unet
+  held = split_flat(base_unet)[1]
   assert run.metadata['frozen_dtype'] == 'bfloat16'
-  assert run.metadata['base_weights'] == _fingerprint(base, trained_keys(base, 'esd-x'))
+  assert run.metadata['base_weights'] == _fingerprint(held, trained_keys(held, 'esd-x'))
+  base = state_dict(base_unet)
   moved = [k for k in run.trained if not np.array_equal(np.asarray(run.trained[k]), np.asarray(base[k]))]
   assert len(moved) == len(run.trained) == 20 and all(run.trained[k].dtype == np.float32 for k in run.trained)
   written = write_erased(run.pipe, run.trained, tmp_path / 'export', ['unet'])

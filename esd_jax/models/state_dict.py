@@ -3,6 +3,11 @@
 A parameter's key is its NNX path joined by '.', which by construction (see layers.py) is the
 diffusers/transformers state-dict key. Loading fills an abstract module (built with `nnx.eval_shape`, so
 no memory is spent on initial values) tensor by tensor, each placed straight on its device or sharding.
+
+Two layouts, one difference: convolution kernels are *stored* OIHW (PyTorch's, in every file and in the tensor
+dicts the exporters take) and *held* HWIO in modules (what XLA convolves with: an OIHW kernel costs a transposed
+copy of every kernel per step, held through the sampler's loop). `state_dict`, `param_shapes` and
+`load_state_dict` speak the stored layout; `split_flat` gives the held one (what the jitted steps train).
 """
 
 from __future__ import annotations
@@ -18,18 +23,48 @@ from flax import nnx
 from esd_jax import distributed
 
 
+_TO_STORED, _TO_HELD = (3, 2, 0, 1), (2, 3, 1, 0)  # HWIO → OIHW, OIHW → HWIO
+
+
+def _relayout(value, axes: tuple[int, ...], stacked: int):
+  if value.ndim - stacked != len(axes):
+    return value
+  return value.transpose(*range(stacked), *(stacked + a for a in axes))
+
+
+def stored(value, *, stacked: int = 0):
+  """A held parameter in its stored (checkpoint) layout; `stacked`: leading axes that are not the parameter's
+  (separate models' stacked tensors)."""
+  return _relayout(value, _TO_STORED, stacked)
+
+
+def held(value, *, stacked: int = 0):
+  """A stored parameter in the layout modules hold (the inverse of `stored`)."""
+  return _relayout(value, _TO_HELD, stacked)
+
+
+def stored_tensors(tensors: Mapping[str, Any], *, stacked: int = 0) -> dict[str, Any]:
+  return {k: stored(v, stacked=stacked) for k, v in tensors.items()}
+
+
+def stored_shape(shape: Iterable[int]) -> tuple[int, ...]:
+  shape = tuple(shape)
+  return tuple(shape[a] for a in _TO_STORED) if len(shape) == len(_TO_STORED) else shape
+
+
 def key_of(path: Iterable[Any]) -> str:
   return '.'.join(str(p) for p in path)
 
 
 def param_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
-  """Key → shape of every parameter (works on abstract modules too)."""
-  return {key_of(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+  """Key → stored shape of every parameter (works on abstract modules too)."""
+  return {key_of(p): stored_shape(v.shape) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
 def state_dict(module: nnx.Module) -> dict[str, jax.Array]:
-  """Key → array of every parameter, in the checkpoint's names and layout."""
-  return {key_of(p): v[...] for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+  """Key → array of every parameter, in the checkpoint's names and layout (convolution kernels: a transposed
+  copy, the others: references)."""
+  return {key_of(p): stored(v[...]) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +84,8 @@ class ParamLayout:
 
 
 def split_flat(module: nnx.Module) -> tuple[ParamLayout, dict[str, jax.Array]]:
-  """(layout, {key: array}) of a module whose state is all parameters (ShapeDtypeStructs for an abstract one)."""
+  """(layout, {key: array}) of a module whose state is all parameters (ShapeDtypeStructs for an abstract one), in
+  the held layout."""
   graphdef, state = nnx.split(module)
   flat = nnx.to_flat_state(state)
   if any(not isinstance(v, nnx.Param) for _, v in flat):
@@ -68,10 +104,10 @@ def load_state_dict(module: nnx.Module, tensors: Mapping[str, Any], *, source: s
                     strict: bool = True) -> nnx.Module:
   """Fills `module` (abstract or concrete) from `tensors`, in place, and returns it.
 
-  `tensors` maps keys to arrays, or to zero-argument callables returning one (lazy readers, so a large
-  file is never held twice). Each tensor is checked for shape, converted to the parameter's dtype and put
-  on `sharding(key, shape)` (each process its own shards; default device when None). With `strict`, missing and
-  unexpected keys are errors that name `source`.
+  `tensors` maps keys to arrays in the stored layout, or to zero-argument callables returning one (lazy readers,
+  so a large file is never held twice). Each tensor is checked for shape, converted to the parameter's dtype and
+  held layout and put on `sharding(key, held shape)` (each process its own shards; default device when None). With
+  `strict`, missing and unexpected keys are errors that name `source`.
   """
   state = nnx.state(module, nnx.Param)
   flat = nnx.to_flat_state(state)
@@ -86,11 +122,11 @@ def load_state_dict(module: nnx.Module, tensors: Mapping[str, Any], *, source: s
       continue
     value = tensors[key]
     value = np.asarray(value() if callable(value) else value)
-    if tuple(value.shape) != tuple(var.shape):
+    if tuple(value.shape) != stored_shape(var.shape):
       raise ValueError(f'{source}: tensor {key!r} has shape {tuple(value.shape)}, but the model built '
-                       f'from its config expects {tuple(var.shape)}. The weights and config.json do not '
+                       f'from its config expects {stored_shape(var.shape)}. The weights and config.json do not '
                        'belong together.')
-    value = value.astype(var.dtype, copy=False)
+    value = held(value.astype(var.dtype, copy=False))
     var.set_value(distributed.put(value, sharding(key, value.shape) if sharding else None))
   nnx.update(module, state)
   return module

@@ -65,7 +65,7 @@ def _int_or_ints(v) -> bool:
 # blocks compute: sample_size (a default resolution only), resnet_skip_time_act, resnet_out_scale_factor,
 # cross_attention_norm, mid_block_only_cross_attention and addition_embed_type_num_heads (read only by
 # block and embedding types we reject), and upcast_attention (our attention always takes its softmax in
-# fp32 — jax.nn.dot_product_attention does so for bf16/fp16 inputs — which is what upcasting asks for).
+# fp32 — every implementation in models/attention.py does so for bf16/fp16 inputs — which is what upcasting asks for).
 _SUPPORTED: dict[str, Any] = {
     'in_channels': _is_int, 'out_channels': _is_int,
     'center_input_sample': (False, True), 'flip_sin_to_cos': (False, True),
