@@ -78,8 +78,14 @@ def main():
       result = subprocess.run(command, capture_output=True, text=True)
       wall = time.perf_counter() - start
       rss = re.search(r'Maximum resident set size \(kbytes\): (\d+)', result.stderr)
-      status = 'ok' if result.returncode == 0 else f'exit {result.returncode}: ' + (
-          [line for line in result.stderr.splitlines() if line.strip()][-1][:200])
+      signal = re.search(r'Command terminated by signal (\d+)', result.stderr)
+      if result.returncode == 0:
+        status = 'ok'
+      elif signal and signal.group(1) == '9' or result.returncode == 137:
+        status = 'killed (SIGKILL: the kernel\'s out-of-memory killer on this 24 GB machine)'
+      else:
+        errors = [line for line in result.stderr.splitlines() if line.strip() and 'esd-jax' in line]
+        status = f'exit {result.returncode}: ' + (errors[-1][:200] if errors else 'see the run\'s stderr')
       rows.append((method, wall, int(rss.group(1)) / 2 ** 20 if rss else float('nan'), status))
       print(f'{method}: {wall:.0f} s, peak RSS {rows[-1][2]:.1f} GiB, {status}', flush=True)
   print(f'\nSD 1.4-sized random weights, 512 px, {args.dtype} compute, remat {args.remat}, one iteration '
