@@ -11,8 +11,10 @@
            tokens: a small score matrix) runs `xla`.
   auto     the fastest the backend has: splash on TPU, cuDNN on GPU where the dtype allows it, chunked on CPU.
 
-Modules hold the choice as a static attribute (`implementation`, part of their graph definition, so a jitted
-function compiles once per choice); `use(module, name)` sets it on every attention layer of a model.
+Modules hold the choice as a static attribute (`attention_implementation`, part of their graph definition, so a
+jitted function compiles once per choice); `use(module, name)` sets it on every attention layer of a model. On GPU,
+auto keeps `xla` for head dims cuDNN's flash kernel may not take (over 128, or not a multiple of 8: SD 1.x's
+160-wide heads at 16×16 and 8×8 latents).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 IMPLEMENTATIONS = ('auto', 'xla', 'chunked', 'cudnn', 'splash')
 _BACKEND_OF = {'cudnn': 'gpu', 'splash': 'tpu'}
@@ -42,8 +45,8 @@ def check(implementation: str, backend: str | None = None) -> None:
   """Raises a clear error when `implementation` is unknown or needs another backend than `backend` (default: JAX's
   default backend)."""
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f'Unknown attention implementation {implementation!r}; choose one of {", ".join(IMPLEMENTATIONS)} '
-                     '(auto takes the fastest this backend has).')
+    raise ValueError(f'Unknown attention implementation {implementation!r}; choose one of '
+                     f'{", ".join(IMPLEMENTATIONS)} (auto takes the fastest this backend has).')
   backend = backend or jax.default_backend()
   needed = _BACKEND_OF.get(implementation)
   if needed is not None and backend != needed:
@@ -54,7 +57,6 @@ def check(implementation: str, backend: str | None = None) -> None:
 
 def use(module, implementation: str) -> None:
   """Sets the attention implementation of every attention layer in `module` (a model or a pipeline's model)."""
-  from flax import nnx
   check(implementation)
   for _, layer in nnx.iter_modules(module):
     if hasattr(layer, 'attention_implementation'):
@@ -65,7 +67,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implement
                           is_causal: bool = False) -> jax.Array:
   """softmax(q kᵀ / √d) v over (batch, length, heads, head_dim) arrays, the softmax in fp32 whatever their dtype."""
   if implementation == 'auto':
-    implementation = _fastest(q, k)
+    implementation = _fastest(q)
   if implementation in _BACKEND_OF:
     check(implementation)
   if implementation == 'cudnn':
@@ -80,7 +82,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implement
   return _xla(q, k, v, is_causal)
 
 
-def _fastest(q: jax.Array, k: jax.Array) -> str:
+def _fastest(q: jax.Array) -> str:
   choice = AUTO.get(jax.default_backend(), 'xla')
   if choice == 'cudnn' and not (q.dtype in _CUDNN_DTYPES and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0):
     return 'xla'
