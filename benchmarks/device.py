@@ -150,7 +150,7 @@ def run_case(args, method: str, batch: int, models: int, unet, unet_config: dict
   per_step = (t_long - t_short) / (SHORT - LONG)
   mean_steps = float(np.mean(esd.sampler_steps(setup.objective)))
   mean_ms = t_short + (mean_steps - 1) * per_step
-  forwards = lambda steps: batch * models * (2 * steps + 2 + 3)
+  forwards = lambda steps: cost.unet_forwards(setup, models, batch, steps)
   peak = peak_tflops(jax.devices()[0].device_kind)
   achieved = lambda steps, ms: one_forward * forwards(steps) / (ms / 1e3) / 1e12
   row = {

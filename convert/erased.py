@@ -31,7 +31,7 @@ from convert.diffusers_format import save_component, save_pipeline
 from convert.esd_weights import apply_esd_weights, write_trained_safetensors
 from convert.single_file import save_single_file
 from esd_jax.files import write_json
-from esd_jax.models.state_dict import state_dict
+from esd_jax.models.state_dict import split_flat, stored
 from esd_jax.pipeline import StableDiffusion
 
 FORMATS = ('diffusers', 'unet', 'trained', 'single_file')
@@ -55,14 +55,14 @@ def differing_tensors(unet: nnx.Module, trained: Mapping[str, Any], source: str 
   """The entries of `trained` whose tensor differs from `unet`'s tensor of the same key, as given (lazy values
   stay lazy). Each is compared exactly after casting to the base tensor's dtype (the dtype it takes when
   applied), one tensor at a time on the host, so no second UNet is ever held."""
-  base = state_dict(unet)  # references to the parameters, not copies
+  base = split_flat(unet)[1]  # references to the held parameters; each compared one is laid out on the host
   unknown = sorted(set(trained) - set(base))
   if unknown:
     raise ValueError(f'{source}: {len(unknown)} tensor(s) are not parameters of the base UNet (e.g. {unknown[:3]}): '
                      'the weights belong to another model architecture.')
   kept = {}
   for key, value in trained.items():
-    reference = np.asarray(base[key])
+    reference = stored(np.asarray(base[key]))
     given = np.asarray(value() if callable(value) else value)
     if given.shape != reference.shape or not np.array_equal(given.astype(reference.dtype, copy=False), reference):
       kept[key] = value

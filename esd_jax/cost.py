@@ -100,6 +100,14 @@ def _flops(analysis) -> float:
   return float(analysis.get('flops', 0.0))
 
 
+def unet_forwards(setup: train.Setup, n_models: int, batch: int, steps: float) -> float:
+  """Single-latent UNet forwards of one iteration for a sampler of `steps` steps: the guided sampler runs each step
+  on 2 × batch latents, the frozen model its 2 (3 with erase_from) conditionings, and the student's forward and
+  backward count as about three forwards; for every model."""
+  frozen = 2 + (setup.prompts.student is not None)
+  return n_models * batch * (2 * steps + frozen + 3)
+
+
 def step_cost(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Compiles the erase step of `config` abstractly; its memory per device, FLOPs and collectives."""
   plan = train.plan_run(config)
@@ -111,16 +119,12 @@ def step_cost(config: ml_collections.ConfigDict) -> dict[str, Any]:
   aliased, temporaries = memory.alias_size_in_bytes, memory.temp_size_in_bytes
   n_models, batch = len(plan.groups), config.train.batch_size * config.train.concepts_per_step
   forward = unet_forward_flops(setup)
-  students = 3 * batch  # the student's forward and its backward (about two forwards)
-  frozen = (2 + (setup.prompts.student is not None)) * batch
-
-  def per_iteration(steps):  # forwards of every model: the guided sampler runs each step on 2 × batch latents
-    return n_models * forward * (2 * batch * steps + frozen + students)
+  per_iteration = lambda steps: forward * unet_forwards(setup, n_models, batch, steps)
   steps = esd.sampler_steps(setup.objective)
   return {
       'model': str(config.model), 'method': config.erase.method, 'convention': config.erase.convention,
       'compute_dtype': config.train.compute_dtype, 'remat': config.train.remat,
-      'attention': attention.AUTO.get(jax.default_backend(), 'xla') if config.attention == 'auto' else config.attention,
+      'attention': attention.resolved(config.attention),
       'frozen_dtype': train.frozen_dtype(config.train), 'separate_models': n_models if plan.separate else 0,
       'mesh': dict(setup.mesh.shape), 'devices': setup.mesh.size, 'platform': jax.devices()[0].platform,
       'latent_shape': list(setup.latent_shape), 'batch': batch,

@@ -82,8 +82,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implement
   return _xla(q, k, v, is_causal)
 
 
+def resolved(implementation: str) -> str:
+  """What `implementation` runs on this backend (auto's choice; on GPU, some layers may still fall back to xla)."""
+  return AUTO.get(jax.default_backend(), 'xla') if implementation == 'auto' else implementation
+
+
 def _fastest(q: jax.Array) -> str:
-  choice = AUTO.get(jax.default_backend(), 'xla')
+  choice = resolved('auto')
   if choice == 'cudnn' and not (q.dtype in _CUDNN_DTYPES and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0):
     return 'xla'
   return choice
