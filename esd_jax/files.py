@@ -37,6 +37,38 @@ DTYPES = {'fp32': np.float32, 'float32': np.float32, 'fp16': np.float16, 'float1
           'bf16': ml_dtypes.bfloat16, 'bfloat16': ml_dtypes.bfloat16}
 
 
+
+class LazyTensor:
+  """A tensor read on demand: calling it (or np.asarray) returns the array; `shape` and `dtype` are known
+  without reading it, so headers can be written and configs inferred before any data is loaded."""
+
+  __slots__ = ('shape', 'dtype', '_load')
+
+  def __init__(self, load: Callable[[], Any], shape: tuple[int, ...], dtype):
+    self._load = load
+    self.shape = tuple(shape)
+    self.dtype = np.dtype(dtype)
+
+  @classmethod
+  def of(cls, value) -> Any:
+    """`value` itself if it is an array or a LazyTensor; a plain zero-argument callable is read once to
+    learn its shape and dtype (and again when used)."""
+    if not callable(value) or isinstance(value, LazyTensor):
+      return value
+    probe = np.asarray(value())
+    return cls(value, probe.shape, probe.dtype)
+
+  def __call__(self) -> np.ndarray:
+    return np.asarray(self._load())
+
+  def __array__(self, dtype=None, copy=None):
+    array = self()
+    return array if dtype is None else array.astype(dtype, copy=False)
+
+  def __repr__(self):
+    return f'LazyTensor(shape={self.shape}, dtype={self.dtype})'
+
+
 def np_dtype(name: str | None):
   """numpy dtype for an export dtype name (None keeps each tensor's own dtype)."""
   if name is None:

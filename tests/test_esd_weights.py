@@ -23,7 +23,7 @@ from convert.compvis import UNET_PREFIX, unet_to_compvis
 from convert.esd_weights import (apply_esd_weights, read_esd_weights, write_demo_pt, write_full_pt,
                                  write_trained_safetensors)
 from esd_jax.models import build_abstract
-from esd_jax.models.state_dict import state_dict
+from esd_jax.models.state_dict import split_flat, state_dict
 from tests.reference import load_from_torch, nchw, nhwc, numpy_state, randomize, rel_err
 
 CONFIG = dict(block_out_channels=[32, 64], cross_attention_dim=32, norm_num_groups=8, layers_per_block=1,
@@ -287,7 +287,7 @@ def test_apply_errors_leave_the_unet_untouched(models, tmp_path):
   # A full state dict can fill an abstract UNet.
   full = read_esd_weights(_released(erased, tmp_path / 'full.pt'))
   filled = apply_esd_weights(build_abstract(config), full)
-  assert isinstance(state_dict(filled)[key], jax.Array)
+  assert isinstance(split_flat(filled)[1][key], jax.Array)
 
 
 def test_apply_keeps_each_parameters_placement(models, tmp_path):
@@ -295,11 +295,11 @@ def test_apply_keeps_each_parameters_placement(models, tmp_path):
   base, erased, config = models
   trained = read_esd_weights(_written(erased, tmp_path / 'w.safetensors'))
   ours = apply_esd_weights(_ours(base, config), trained)
-  assert not any(v.committed for v in state_dict(ours).values())
+  assert not any(v.committed for v in split_flat(ours)[1].values())
   ours = _ours(base, config)
   nnx.update(ours, jax.device_put(nnx.state(ours), jax.devices()[0]))
   ours = apply_esd_weights(ours, trained)
-  assert all(v.committed for v in state_dict(ours).values())
+  assert all(v.committed for v in split_flat(ours)[1].values())
 
 
 def _released(unet, path):

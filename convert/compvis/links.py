@@ -28,42 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from esd_jax.files import LazyTensor
+
 UNET_PREFIX = 'model.diffusion_model.'
 VAE_PREFIX = 'first_stage_model.'
 TEXT_PREFIX = 'cond_stage_model.'
 
 _DIFFUSERS, _COMPVIS = 0, 1
-
-
-class LazyTensor:
-  """A tensor read on demand: calling it (or np.asarray) returns the array; `shape` and `dtype` are known
-  without reading it, so headers can be written and configs inferred before any data is loaded."""
-
-  __slots__ = ('shape', 'dtype', '_load')
-
-  def __init__(self, load: Callable[[], Any], shape: tuple[int, ...], dtype):
-    self._load = load
-    self.shape = tuple(shape)
-    self.dtype = np.dtype(dtype)
-
-  @classmethod
-  def of(cls, value) -> Any:
-    """`value` itself if it is an array or a LazyTensor; a plain zero-argument callable is read once to
-    learn its shape and dtype (and again when used)."""
-    if not callable(value) or isinstance(value, LazyTensor):
-      return value
-    probe = np.asarray(value())
-    return cls(value, probe.shape, probe.dtype)
-
-  def __call__(self) -> np.ndarray:
-    return np.asarray(self._load())
-
-  def __array__(self, dtype=None, copy=None):
-    array = self()
-    return array if dtype is None else array.astype(dtype, copy=False)
-
-  def __repr__(self):
-    return f'LazyTensor(shape={self.shape}, dtype={self.dtype})'
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from esd_jax import distributed
+from esd_jax.files import LazyTensor
 
 
 _TO_STORED, _TO_HELD = (3, 2, 0, 1), (2, 3, 1, 0)  # HWIO → OIHW, OIHW → HWIO
@@ -61,10 +62,15 @@ def param_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
   return {key_of(p): stored_shape(v.shape) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
-def state_dict(module: nnx.Module) -> dict[str, jax.Array]:
-  """Key → array of every parameter, in the checkpoint's names and layout (convolution kernels: a transposed
-  copy, the others: references)."""
-  return {key_of(p): stored(v[...]) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+def state_dict(module: nnx.Module) -> dict[str, Any]:
+  """Key → array of every parameter, in the checkpoint's names and layout: the held arrays themselves, except
+  convolution kernels, which are `LazyTensor`s laid out on the host when read (np.asarray). A writer thus holds
+  one kernel's stored copy at a time, never a second copy of every kernel (1.5 GB for SD 1.4) on the device."""
+  def entry(value):
+    if value.ndim != len(_TO_STORED):
+      return value
+    return LazyTensor(lambda: stored(np.asarray(value)), stored_shape(value.shape), value.dtype)
+  return {key_of(p): entry(v[...]) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
 @dataclasses.dataclass(frozen=True)
