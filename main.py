@@ -4,7 +4,8 @@
 
 COMMAND is one of esd_jax.commands.COMMANDS (default: erase, which on the default config erases "circle" from
 the shipped shapes-world model and measures it); several run one after the other on the same config (`erase
-compare`), each checked before the first starts, so a pod pays its start-up once. Each command reads its section of an ml_collections config
+compare`), each checked before the first starts, so a pod pays its start-up once. `serve` (alone) runs the web
+app, esd_jax/app, until Ctrl-C. Each command reads its section of an ml_collections config
 (`configs/*.py`, a `get_config()` per file); any field can be overridden on the command line, and a field that
 does not exist is an error.
 
@@ -24,17 +25,13 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from esd_jax import commands, distributed
-from esd_jax.errors import RunError
+from esd_jax import commands, distributed, validate
+from esd_jax.errors import USER_ERRORS, user_message
 from esd_jax.files import is_disk_full, says_disk_full
 from esd_jax.log import log
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.py')
 _CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Experiment config file (get_config()).')
-
-# What a user's input or environment causes (bad config, missing or corrupt files, a run that cannot go on);
-# anything else is a bug and keeps its traceback.
-USER_ERRORS = (RunError, ValueError, KeyError, OSError, ImportError)
 
 
 def _show_esd_jax_logs(*, main: bool) -> None:
@@ -54,15 +51,14 @@ class _DiskFullTracebacks(std_logging.Filter):
     return not (says_disk_full(record.getMessage()) or (record.exc_info and is_disk_full(record.exc_info[1])))
 
 
-def _message(error: BaseException) -> str:
-  return error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-
-
 def main(argv):
   names = argv[1:] or ['erase']
-  unknown = [name for name in names if name not in commands.COMMANDS]
+  known = [*commands.COMMANDS, 'serve']  # serve, the web app, sits above the commands it runs
+  unknown = [name for name in names if name not in known]
   if unknown:
-    raise app.UsageError(f'Unknown command {unknown[0]!r}; choose from {sorted(commands.COMMANDS)}.')
+    raise app.UsageError(f'Unknown command {unknown[0]!r}; choose from {sorted(known)}.')
+  if 'serve' in names and names != ['serve']:
+    raise app.UsageError('`serve` runs the web app until it is stopped (Ctrl-C): run it alone.')
   command = ' '.join(names)
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # app.run raised it to INFO: the libraries' INFO logs only on request
@@ -76,11 +72,17 @@ def main(argv):
     jax.config.update('jax_platforms', 'cpu')  # before anything starts a backend
     jax.config.update('jax_num_cpu_devices', config.plan.devices)
   try:
+    if names == ['serve']:
+      validate.check(config, 'serve')  # first: it refuses the multi-process set-up below
     if 'mesh' in config and config.mesh.distributed:
       distributed.initialize(config.mesh)  # every process runs this same command
     _show_esd_jax_logs(main=distributed.is_main())
     logging.info('esd-jax %s with config:\n%s', command, config)
-    commands.run(names, config)
+    if names == ['serve']:
+      from esd_jax.app import server  # gradio is imported for `serve` alone
+      server.serve(config)
+    else:
+      commands.run(names, config)
   except KeyboardInterrupt:
     if tracebacks:
       raise
@@ -90,7 +92,7 @@ def main(argv):
   except USER_ERRORS as e:
     if tracebacks:
       raise
-    print(f'esd-jax {command}: {_message(e)}', file=sys.stderr)
+    print(f'esd-jax {command}: {user_message(e)}', file=sys.stderr)
     print('(--verbosity=0 or ESD_JAX_TRACEBACK=1 shows where it was raised.)', file=sys.stderr)
     sys.exit(getattr(e, 'exit_code', 1))
 

@@ -29,6 +29,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.erase.concepts = ('circle',)  # one is drawn per iteration
   config.erase.erase_from = ''  # erase the concepts only from this prompt; '' for none (per concept: a concepts file)
   config.erase.concepts_file = ''  # text/CSV/JSON file of concepts (esd_jax/concepts.py), instead of the two above
+  # Prompts the erasure must not change, each iteration one of them through a retain loss (docs/method.md §5): the
+  # student's prediction on it kept to the frozen model's, weight preserve_weight. () for plain ESD; 'auto' on the
+  # shapes world: its prompts that name none of the erased concepts.
+  config.erase.preserve = ()
+  config.erase.preserve_weight = 1.0
   config.erase.separate_models = False  # True: one erased model per concept, trained together (batched)
   config.erase.method = 'esd-u'  # esd-x | esd-u | esd-x-strict | esd-self | esd-all | notime | xlayer |
   #                                selflayer (CompVis aliases xattn, noxattn, selfattn, full) | patterns
@@ -111,9 +116,31 @@ def get_config() -> ml_collections.ConfigDict:
   config.evaluate.grid_seeds = 4  # seeds per model shown in the grid
   config.evaluate.backend = 'jax'  # `evaluate` only: jax | diffusers (PyTorch, a diffusers folder as it is)
 
+  # Erase until (README "Erasing any concept"): every probe.every iterations (0: never) the run measures its model on
+  # a small probe and stops once the erased concept is shown in ≤ max_shown of the probe's images with no other
+  # shape's or colour's accuracy down by more than max_drop; train.iterations is then the most it runs, and a run
+  # that never meets them exports the best model it measured (shown + worst drop, lowest). The probe is the shapes
+  # world's (evaluate.classifier judges seeds 1000…, never the evaluation's).
+  config.probe = ml_collections.ConfigDict()
+  config.probe.every = 0
+  config.probe.seeds = 8  # images per prompt of the world's 16, in one jitted batch
+  config.probe.steps = 25  # DDIM steps
+  config.probe.guidance_scale = 7.5
+  config.probe.max_shown = 0.05
+  config.probe.max_drop = 0.03
+
   # `plan`: compiles the erase step of this config from abstract parameters (no weights; the reference names
   # sd-v1-4, sd-v2-1, sdxl-base-1.0 work) and prints its memory per device, FLOPs and collectives.
   config.plan = ml_collections.ConfigDict()
   config.plan.devices = 0  # > 0: that many emulated CPU devices stand for the chips (plan alone); 0: the devices there are
   config.plan.json = ''  # also write the numbers to this JSON file
+
+  # `serve`: the web app (README "Web app"): erase, test and download models in a browser, on config.model, with the
+  # other sections as the forms' defaults. Runs go to workdir/runs/NAME (each a workdir of its own, resumable),
+  # imported ESD weights to workdir/imported. There is no authentication: whoever reaches host:port can train, run
+  # the models and read and write under workdir, so keep the loopback address unless the network is yours alone.
+  config.serve = ml_collections.ConfigDict()
+  config.serve.host = '127.0.0.1'  # 0.0.0.0 listens on every interface (exposes the app: see above)
+  config.serve.port = 7860
+  config.serve.max_upload_mb = 8192  # largest weights file the Models tab imports (SD 1.4's full-UNet .pt: 3.4 GB)
   return config

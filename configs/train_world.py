@@ -15,5 +15,5 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.output = 'esd_jax/shapes_world/assets'  # writes shapes_world/ (the pipeline) and shapes_classifier/ here
   config.world = ml_collections.ConfigDict(dataclasses.asdict(Recipe()))
-  config.classifier = ml_collections.ConfigDict({'steps': 400, 'seed': 0})
+  config.classifier = ml_collections.ConfigDict({'steps': 1500, 'seed': 0})
   return config

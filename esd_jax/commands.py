@@ -7,7 +7,9 @@ runs it. This is the top layer: it uses the ESD library (train, generate, loadin
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -15,8 +17,8 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from esd_jax import distributed, images, validate
-from esd_jax.generate import text_to_image
+from esd_jax import distributed, images, plots, validate
+from esd_jax.generate import text_to_image, text_to_image_models
 from esd_jax.loading import load_model, model_path, unet_config
 from esd_jax.log import log
 from esd_jax.tokenizer import warn_if_cut
@@ -29,17 +31,18 @@ def _sampling(generate_settings: ml_collections.ConfigDict) -> dict:
               scheduler=None if g.scheduler == 'config' else g.scheduler)
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+  """`text` as a file name: lower case, each character other than a letter or digit as '_', 60 at most."""
   return ''.join(c if c.isalnum() else '_' for c in text.lower()).strip('_')[:60] or 'empty'
 
 
 def image_names(prompts: list[str]) -> list[str]:
   """A file stem per prompt, unique within the list: its slug, numbered (_2, _3, …) where an earlier prompt took it."""
   names = []
-  for slug in map(_slug, prompts):
-    name, k = slug, 2
+  for stem in map(slug, prompts):
+    name, k = stem, 2
     while name in names:
-      name, k = f'{slug}_{k}', k + 1
+      name, k = f'{stem}_{k}', k + 1
     names.append(name)
   return names
 
@@ -78,13 +81,16 @@ def _describe(result, m: int) -> dict:
           'learning_rate': result.learning_rates[m], 'iterations': result.iterations[m]}
 
 
-def erase(config: ml_collections.ConfigDict):
+def erase(config: ml_collections.ConfigDict, *, progress: bool = True, stop: threading.Event | None = None,
+          on_iteration: Callable[[dict], None] | None = None):
   """Trains (or resumes) the erasure, writes the erased model(s) to workdir/erased in export.formats, and
-  (evaluate.classifier set) measures them against the original."""
+  (evaluate.classifier set) measures them against the original. `progress`, `stop` and `on_iteration` go to
+  train.run_erasure: a caller on another thread (the web app) stops the run and follows its iterations with them."""
   from convert.erased import erased_pipeline, write_erased, write_erased_models
   from esd_jax.train import run_erasure
 
-  result = run_erasure(config)
+  config = _with_retain(config)
+  result = run_erasure(config, progress=progress, stop=stop, on_iteration=on_iteration, probe=_probe(config))
   # With several processes every one gathers the whole model (a collective); process 0 writes, the others wait.
   result = dataclasses.replace(result, pipe=distributed.local_pipeline(result.pipe),
                                trained=distributed.gather(result.trained))
@@ -92,7 +98,7 @@ def erase(config: ml_collections.ConfigDict):
   kwargs = dict(dtype=config.export.dtype, metadata=result.metadata)
   main = distributed.is_main()
   if config.erase.separate_models:
-    name = lambda m: f'{m:03d}-{_slug(result.model_concepts(m)[0].prompt)}'
+    name = lambda m: f'{m:03d}-{slug(result.model_concepts(m)[0].prompt)}'
     models = [(name(m), _describe(result, m), trained) for m, _, trained in result.models()]
     failed = [{**_describe(result, m), 'name': name(m), 'why': why} for m, why in sorted(result.failed.items())]
     if main:
@@ -105,6 +111,8 @@ def erase(config: ml_collections.ConfigDict):
         print(f'Erased model ({fmt}): {path}')
     concepts = list(dict.fromkeys(c.prompt for c in result.concepts))  # "red" erased from several prompts: once
     measured = [('erased', result.trained, concepts)]
+  if main:
+    print(f'Training curves: {plots.training_curves(Path(config.workdir) / "metrics.jsonl", Path(config.workdir) / "training.png")}')
   distributed.barrier('erase: exported')
   if config.evaluate.classifier:  # every process samples its local copies alike; process 0 writes the report
     from esd_jax.shapes_world import measure
@@ -119,6 +127,43 @@ def erase(config: ml_collections.ConfigDict):
             'negative_guidance': config.erase.negative_guidance, 'iterations': config.train.iterations,
             'learning_rate': config.train.learning_rate, 'seconds': result.seconds})
   return result
+
+
+def _with_retain(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config with erase.preserve='auto' made the list it stands for: the shapes world's prompts that name none of
+  the erased concepts (world.retain_prompts)."""
+  if config.erase.preserve != 'auto':
+    return config
+  from esd_jax.shapes_world import world
+  from esd_jax.train import concept_list
+  try:
+    prompts = world.retain_prompts([c.prompt for c in concept_list(config.erase)])
+  except ValueError as e:
+    raise validate.ConfigError(f'--config.erase.preserve=auto: {e} For another model, list the prompts to '
+                               'preserve: --config.erase.preserve="(\'a dog\', \'a house\')".') from e
+  config = config.copy_and_resolve_references()
+  with config.ignore_type():
+    config.erase.preserve = tuple(prompts)
+  return config
+
+
+def _probe(config: ml_collections.ConfigDict):
+  """The erase-until probe config.probe asks for (None when probe.every = 0): the shapes world's, judged by
+  evaluate.classifier."""
+  if not config.probe.every:
+    return None
+  if not config.evaluate.classifier:
+    raise validate.ConfigError('--config.probe.every needs a judge: the probe is the shapes world\'s, judged by '
+                      '--config.evaluate.classifier (shapes-world or a classifier folder); set it, or '
+                      '--config.probe.every=0.')
+  from esd_jax.shapes_world import measure
+  from esd_jax.shapes_world.probe import shapes_probe
+  from esd_jax.train import concept_list
+  try:
+    return shapes_probe(measure.load_judge(config.evaluate.classifier),
+                        [c.prompt for c in concept_list(config.erase)], config.probe)
+  except ValueError as e:
+    raise validate.ConfigError(str(e)) from e
 
 
 def _measure_sampling(evaluation: ml_collections.ConfigDict):
@@ -194,28 +239,41 @@ def export(config: ml_collections.ConfigDict) -> dict:
   return paths
 
 
+def compare_images(pipe, models: Mapping[str, Mapping | None], settings: ml_collections.ConfigDict) -> np.ndarray:
+  """Images (models, seeds, prompts, H, W, 3) of `pipe` with each model's ESD weights laid over it (None: the
+  original), for settings.prompts × settings.seeds (a generate section), all in one jitted batch; seed s gives
+  every model the noise `generate` draws for it."""
+  from convert.erased import erased_pipeline
+  from esd_jax.models.state_dict import split_flat
+
+  overlays = []
+  for weights in models.values():
+    if weights is None:
+      overlays.append({})
+      continue
+    held = split_flat(erased_pipeline(pipe, weights).unet)[1]  # checked against the base, in the held layout
+    overlays.append({k: held[k] for k in weights})
+  warn_if_cut(pipe.tokenizer, list(settings.prompts))
+  return text_to_image_models(pipe, overlays, list(settings.prompts), list(settings.seeds), **_sampling(settings))
+
+
+def compare_grid(path: Path, names: list[str], generated: np.ndarray, prompts: list[str], seeds: list[int]) -> Path:
+  """compare_images' output as a labelled grid: a row per prompt, for each seed a column per model."""
+  rows = [[generated[m, s, i] for s in range(len(seeds)) for m in range(len(names))] for i in range(len(prompts))]
+  return images.save_grid(path, rows, row_labels=prompts, col_labels=[f'{n} {seed}' for seed in seeds for n in names],
+                          scale=max(1, 128 // rows[0][0].shape[0]))
+
+
 def compare(config: ml_collections.ConfigDict) -> Path:
   """Original vs erased, side by side, for generate.prompts × generate.seeds: workdir/compare/grid.png."""
-  from convert.erased import erased_pipeline
-
   settings = config.generate
-  prompts = list(settings.prompts)
   weights = _weights(config)
   pipe = load_model(config)
-  warn_if_cut(pipe.tokenizer, prompts)
-  models = {'original': pipe, 'erased': erased_pipeline(pipe, weights)}
-  columns, labels = [], []
-  main = distributed.is_main()  # several processes compute alike; process 0 writes
-  for seed in tqdm(settings.seeds, desc='compare', unit='seed', disable=not main):
-    for name, model in models.items():
-      batch, _ = text_to_image(model, prompts, seed=seed, **_sampling(settings))
-      columns.append(np.asarray(batch))
-      labels.append(f'{name} {seed}')
-  rows = [[column[i] for column in columns] for i in range(len(prompts))]
-  if not main:
+  generated = compare_images(pipe, {'original': None, 'erased': weights}, settings)
+  if not distributed.is_main():  # several processes compute alike; process 0 writes
     return Path(config.workdir) / 'compare' / 'grid.png'
-  path = images.save_grid(Path(config.workdir) / 'compare' / 'grid.png', rows, row_labels=prompts,
-                          col_labels=labels, scale=max(1, 128 // rows[0][0].shape[0]))
+  path = compare_grid(Path(config.workdir) / 'compare' / 'grid.png', ['original', 'erased'], generated,
+                      list(settings.prompts), list(settings.seeds))
   print(f'Original vs erased ({weights.source}): {path}')
   return path
 
@@ -245,7 +303,7 @@ def plan(config: ml_collections.ConfigDict) -> dict:
   from esd_jax.cost import step_cost
   from esd_jax.files import write_json
 
-  cost = step_cost(config)
+  cost = step_cost(_with_retain(config))
   if not distributed.is_main():
     return cost
   size = lambda key: _bytes(cost['per_device_bytes'][key])

@@ -30,7 +30,7 @@ _HLO_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f16': 2, 'bf16': 2, 's16': 2, 'u16':
 _SDXL_TIME_IDS = 6  # original size, crop offset, target size
 
 
-def abstract_prompts(unet_config: dict, text_config: dict, concepts: list) -> esd.Prompts:
+def abstract_prompts(unet_config: dict, text_config: dict, concepts: list, retain: int = 0) -> esd.Prompts:
   """The shapes of the run's text conditioning, from the configs alone (float32, as encode_prompts returns it)."""
   length = text_config.get('max_position_embeddings', 77)
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
@@ -44,7 +44,7 @@ def abstract_prompts(unet_config: dict, text_config: dict, concepts: list) -> es
   n = len(concepts)
   has_from = any(c.erase_from for c in concepts)
   return esd.Prompts(conditioning(1), conditioning(n), conditioning(n) if has_from else None,
-                     jax.ShapeDtypeStruct((n,), jnp.bool_), f32(n))
+                     jax.ShapeDtypeStruct((n,), jnp.bool_), f32(n), conditioning(retain) if retain else None)
 
 
 def abstract_setup(config: ml_collections.ConfigDict, plan: train.Plan) -> train.Setup:
@@ -58,7 +58,7 @@ def abstract_setup(config: ml_collections.ConfigDict, plan: train.Plan) -> train
   unet = build_abstract(unet_config)
   attention.use(unet, config.attention)
   return train.make_setup(config, train.run_mesh(config, plan), unet,
-                          abstract_prompts(unet_config, component('text_encoder'), plan.concepts), SCHEDULER,
+                          abstract_prompts(unet_config, component('text_encoder'), plan.concepts, len(plan.retain)), SCHEDULER,
                           (h, w, unet_config['in_channels']), abstract=True)
 
 

@@ -2,6 +2,7 @@
 
     target = anchor − η · (ε*(x_t, c, t) − ε*(x_t, "", t))        anchor = ε*(x_t, "", t), or ε*(x_t, f, t)
     loss   = mean((ε_θ(x_t, c, t) − stop_gradient(target))²)      the student sees f instead of c if given
+           + λ · mean((ε_θ(x_r, r, t) − ε*(x_r, r, t))²)          optional: a prompt r to preserve (below)
 
 ε* is the frozen model, ε_θ the one being trained, η the negative guidance, f the optional `erase_from`
 prompt (erase c only from f). x_t is no training image: a sampler runs from noise x_T toward the concept with
@@ -9,6 +10,11 @@ classifier-free guidance and stops part-way. How it runs and which timestep the 
 differ between the three versions of the authors' code (`CONVENTIONS`, docs/method.md §2, §4); all are here, with
 η always in the paper's convention. Every random draw is an input (`Draws`), so that a PyTorch
 implementation fed the same draws gives the same loss and gradients (tests/torch_esd.py).
+
+Preservation (not in the paper; the retain loss of ESD's follow-ups such as AdvUnlearn's utility term): with
+retain prompts, each iteration also draws one, r, samples x_r for it from the same x_T in the same batched sampler
+run as x_t, and asks the student to predict there what the frozen model predicts, with weight λ
+(`Objective.preserve_weight`): the erasure may not move what the model draws for r.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class Objective:
   compute_dtype: dtype of the UNet's arithmetic; parameters, gradients and the loss stay float32.
   remat: how the student's UNet rematerialises its blocks for the backward pass (models.unet.REMAT): less memory
     for more compute, the same numbers.
+  preserve_weight: λ of the preservation term (used when Prompts.retain is given).
   """
 
   convention: str = 'paper'
@@ -52,6 +59,7 @@ class Objective:
   sampler: str = 'ddim'
   compute_dtype: str = 'float32'
   remat: str = 'none'
+  preserve_weight: float = 1.0
 
   def __post_init__(self):
     if self.convention not in CONVENTIONS:
@@ -74,26 +82,30 @@ class Prompts(NamedTuple):
   """Text conditioning, encoded once. `concept` and `student` have a leading concept axis (N);
   `student[i]` is concept i's erase_from prompt f (with `has_from[i]`), else concept i itself.
   `student` is None when no concept has an erase_from prompt, which saves the frozen model a forward.
-  `eta[i]` is concept i's negative guidance; None: the objective's for all."""
+  `eta[i]` is concept i's negative guidance; None: the objective's for all. `retain` (leading axis R): the prompts
+  to preserve, shared by every concept; None: plain ESD."""
 
   uncond: Conditioning
   concept: Conditioning
   student: Conditioning | None
   has_from: jax.Array
   eta: jax.Array | None = None
+  retain: Conditioning | None = None
 
 
 class Draws(NamedTuple):
-  """One iteration's random draws. `step`: t_enc (paper) or k (diffusers-v1/-v2); `t`: the query timestep."""
+  """One iteration's random draws. `step`: t_enc (paper) or k (diffusers-v1/-v2); `t`: the query timestep;
+  `retain`: the index of the retain prompt (unused without retain prompts)."""
 
   x_T: jax.Array
   step: jax.Array
   t: jax.Array
   concept: jax.Array
+  retain: jax.Array | int = 0
 
 
 def draw(key: jax.Array, objective: Objective, scheduler, *, batch: int, latent_shape: tuple[int, int, int],
-         num_concepts: int, per_step: int = 1) -> Draws:
+         num_concepts: int, per_step: int = 1, num_retain: int = 1) -> Draws:
   """Draws as the convention's code draws them (docs/method.md §4): one step and one concept per iteration.
 
   With per_step = B > 1, B independent draws stacked on a leading axis, for B different concepts (while
@@ -102,7 +114,7 @@ def draw(key: jax.Array, objective: Objective, scheduler, *, batch: int, latent_
   if per_step > 1:
     k_concepts, *keys = jax.random.split(key, per_step + 1)
     one = functools.partial(draw, objective=objective, scheduler=scheduler, batch=batch,
-                            latent_shape=latent_shape, num_concepts=num_concepts)
+                            latent_shape=latent_shape, num_concepts=num_concepts, num_retain=num_retain)
     draws = jax.vmap(one)(jnp.stack(keys))
     if per_step <= num_concepts:
       concepts = jax.random.permutation(k_concepts, num_concepts)[:per_step]
@@ -121,7 +133,9 @@ def draw(key: jax.Array, objective: Objective, scheduler, *, batch: int, latent_
     t = scheduler.num_train_timesteps - stride * step
   else:
     t = scheduler.timestep(step, n)
-  return Draws(x_T, step.astype(jnp.int32), t.astype(jnp.int32), concept.astype(jnp.int32))
+  # Folded in, not split off: the other draws stay what they were before retain prompts existed.
+  retain = jax.random.randint(jax.random.fold_in(key, 1), (), 0, max(num_retain, 1))
+  return Draws(x_T, step.astype(jnp.int32), t.astype(jnp.int32), concept.astype(jnp.int32), retain.astype(jnp.int32))
 
 
 def _step_range(objective: Objective) -> tuple[int, int]:
@@ -196,17 +210,22 @@ def esd_loss(trained: Params, frozen: Params, layout: ParamLayout, objective: Ob
   uncond = _pick(prompts.uncond, 0, batch)
   concept = _pick(prompts.concept, draws.concept, batch)
   student_prompt = concept if prompts.student is None else _pick(prompts.student, draws.concept, batch)
+  # With a retain prompt r, every model call below also takes (x_r, r) in the same batch.
+  sampled = [student_prompt] if prompts.retain is None else [student_prompt, _pick(prompts.retain, draws.retain, batch)]
 
   # paper and diffusers-v1 sample with the model being trained (no gradient through sampling), v2 with θ*.
   if objective.convention == 'diffusers-v2':
     sampler = teacher
   else:
     sampler = layout.module({**frozen, **jax.lax.stop_gradient(trained)})
-  x_t = sample_x_t(objective, scheduler, sampler, draws.x_T, draws.step, uncond, student_prompt)
+  xs = jnp.split(sample_x_t(objective, scheduler, sampler, jnp.concatenate([draws.x_T] * len(sampled)), draws.step,
+                            _cat(*[uncond] * len(sampled)), _cat(*sampled)), len(sampled))
+  x_t = xs[0]
 
-  # The frozen model's predictions, in one batched forward: "", c (and f).
+  # The frozen model's predictions, in one batched forward: "", c (and f) at x_t, and r at x_r.
   asked = [uncond, concept] + ([student_prompt] if prompts.student is not None else [])
-  e = jnp.split(_predict(teacher, jnp.concatenate([x_t] * len(asked)), draws.t, _cat(*asked), dtype), len(asked))
+  inputs, conds = [x_t] * len(asked) + xs[1:], asked + sampled[1:]
+  e = jnp.split(_predict(teacher, jnp.concatenate(inputs), draws.t, _cat(*conds), dtype), len(conds))
   e_uncond, e_concept = e[0], e[1]
   eta = objective.negative_guidance if prompts.eta is None else prompts.eta[draws.concept]
   if objective.convention == 'diffusers-v2':
@@ -219,8 +238,11 @@ def esd_loss(trained: Params, frozen: Params, layout: ParamLayout, objective: Ob
 
   student = layout.module({**frozen, **trained})
   student.remat = objective.remat
-  e_student = _predict(student, x_t, draws.t, student_prompt, dtype)
-  return jnp.mean(jnp.square(e_student - target)), x_t
+  e_student = jnp.split(_predict(student, jnp.concatenate(xs), draws.t, _cat(*sampled), dtype), len(sampled))
+  loss = jnp.mean(jnp.square(e_student[0] - target))
+  if prompts.retain is not None:
+    loss += objective.preserve_weight * jnp.mean(jnp.square(e_student[1] - jax.lax.stop_gradient(e[-1])))
+  return loss, x_t
 
 
 class TrainState(NamedTuple):
@@ -263,7 +285,7 @@ def per_model(prompts: Prompts, groups: Sequence[Sequence[int]] | None = None) -
   """The prompts of separate erasures: model m's fields are the concepts `groups[m]` (default: concept m
   alone) on an axis of their own, padded to the largest group by repeating its first (draws pick concept
   indices below the group's size, so padding is never drawn). Under vmap, model m then sees a Prompts of its
-  own concepts. The empty prompt stays shared."""
+  own concepts. The empty prompt and the retain prompts stay shared."""
   if prompts.eta is None:
     raise ValueError('per_model: give every concept its negative guidance (Prompts.eta).')
   groups = [[m] for m in range(len(prompts.has_from))] if groups is None else groups
@@ -271,7 +293,7 @@ def per_model(prompts: Prompts, groups: Sequence[Sequence[int]] | None = None) -
   index = jnp.asarray([list(g) + [g[0]] * (width - len(g)) for g in groups])
   take = lambda tree: jax.tree.map(lambda a: a[index], tree)
   return Prompts(prompts.uncond, take(prompts.concept), None if prompts.student is None else take(prompts.student),
-                 take(prompts.has_from), take(prompts.eta))
+                 take(prompts.has_from), take(prompts.eta), prompts.retain)
 
 
 def separate_train_step(state: TrainState, frozen: Params, prompts: Prompts, draws: Draws, active: jax.Array,
@@ -281,7 +303,7 @@ def separate_train_step(state: TrainState, frozen: Params, prompts: Prompts, dra
   `per_model(prompts)` and `learning_rate`), all taught by the one shared frozen base; model m's Adam steps
   with learning_rate[m]. A model whose loss is not finite, or that is not `active`, keeps its previous state;
   metrics['active'] says which models stepped."""
-  axes = Prompts(None, 0, None if prompts.student is None else 0, 0, 0)
+  axes = Prompts(None, 0, None if prompts.student is None else 0, 0, 0, None)
   step = lambda s, p, d, lr: train_step(s, frozen, p, d, layout=layout, objective=objective, scheduler=scheduler,
                                         tx=optimizer(lr))
   stepped, metrics = jax.vmap(step, in_axes=(0, axes, 0, 0))(state, prompts, draws, learning_rate)

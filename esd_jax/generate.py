@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from esd_jax.models.state_dict import split_flat
 from esd_jax.pipeline import StableDiffusion
 from esd_jax.schedulers import make_scheduler
 from esd_jax.tokenizer import tokenize
@@ -89,10 +90,8 @@ def _cast(tree, dtype):
   return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-@functools.partial(jax.jit, static_argnames=('unet_def', 'vae_def', 'scheduler', 'steps', 'dtype'))
-def _sample(unet_def, unet_params, vae_def, vae_params, scheduler, steps, latents, cond, uncond, guidance,
-            eta, key, dtype):
-  unet = nnx.merge(unet_def, _cast(unet_params, dtype))
+def _images(unet, vae, scheduler, steps, latents, cond, uncond, guidance, eta, key, dtype):
+  """Guided sampling from `latents` and decoding: images in [0, 1] and the final latents (traced, under a jit)."""
   both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]).astype(dtype), uncond, cond)
 
   def model_fn(x, t):
@@ -102,9 +101,40 @@ def _sample(unet_def, unet_params, vae_def, vae_params, scheduler, steps, latent
 
   kwargs = {'key': key, 'eta': eta} if key is not None else {}
   latents, _ = scheduler.denoise(model_fn, latents, steps, **kwargs)
-  vae = nnx.merge(vae_def, _cast(vae_params, dtype))
   images = vae.decode((latents / vae.config['scaling_factor']).astype(dtype)).astype(jnp.float32)
   return jnp.clip(images / 2 + 0.5, 0.0, 1.0), latents
+
+
+@functools.partial(jax.jit, static_argnames=('unet_def', 'vae_def', 'scheduler', 'steps', 'dtype'))
+def _sample(unet_def, unet_params, vae_def, vae_params, scheduler, steps, latents, cond, uncond, guidance,
+            eta, key, dtype):
+  return _images(nnx.merge(unet_def, _cast(unet_params, dtype)), nnx.merge(vae_def, _cast(vae_params, dtype)),
+                 scheduler, steps, latents, cond, uncond, guidance, eta, key, dtype)
+
+
+@functools.partial(jax.jit, static_argnames=('layout', 'vae_def', 'scheduler', 'steps', 'models', 'dtype'))
+def _sample_models(layout, shared, stacked, vae_def, vae_params, scheduler, steps, models, latents, cond, uncond,
+                   guidance, eta, keys, dtype):
+  """_images for every model (the UNet's `shared` parameters with model m's `stacked[k][m]` laid over them) and
+  every seed (latents[s], keys[s]), vmapped over both."""
+  shared = _cast(shared, dtype)
+
+  def one_model(overlay):
+    unet = layout.module({**shared, **_cast(overlay, dtype)})
+    vae = nnx.merge(vae_def, _cast(vae_params, dtype))
+    one_seed = lambda x, key: _images(unet, vae, scheduler, steps, x, cond, uncond, guidance, eta, key, dtype)[0]
+    if keys is None:
+      return jax.vmap(lambda x: one_seed(x, None))(latents)
+    return jax.vmap(one_seed)(latents, keys)
+  return jax.vmap(one_model, axis_size=models)(stacked)
+
+
+def _initial_latents(pipe: StableDiffusion, sched, n: int, seed: int, height: int | None, width: int | None):
+  """(key, latents): the sampler's key and the initial noise of n images that `seed` gives."""
+  h, w = latent_size(pipe, height, width)
+  key, noise_key = jax.random.split(jax.random.key(seed))
+  shape = (n, h, w, pipe.unet.config['in_channels'])
+  return key, jax.random.normal(noise_key, shape, jnp.float32) * sched.init_noise_sigma
 
 
 def text_to_image(pipe: StableDiffusion, prompts: Sequence[str], *, negative_prompt: str | None = '',
@@ -122,11 +152,8 @@ def text_to_image(pipe: StableDiffusion, prompts: Sequence[str], *, negative_pro
   if not prompts:
     raise ValueError('text_to_image: no prompts given.')
   sched = make_scheduler(pipe.scheduler_config, scheduler)
-  h, w = latent_size(pipe, height, width)
-  key, noise_key = jax.random.split(jax.random.key(seed))
-  if latents is None:
-    shape = (len(prompts), h, w, pipe.unet.config['in_channels'])
-    latents = jax.random.normal(noise_key, shape, jnp.float32) * sched.init_noise_sigma
+  key, noise = _initial_latents(pipe, sched, len(prompts), seed, height, width)
+  latents = noise if latents is None else latents
   cond = encode_prompts(pipe, prompts, height=height, width=width)
   uncond = encode_prompts(pipe, [negative_prompt or ''] * len(prompts), height=height, width=width,
                           zeros=negative_prompt is None and pipe.is_sdxl)
@@ -135,3 +162,36 @@ def text_to_image(pipe: StableDiffusion, prompts: Sequence[str], *, negative_pro
   return _sample(unet_def, unet_params, vae_def, vae_params, sched, num_inference_steps,
                  jnp.asarray(latents, jnp.float32), cond, uncond, jnp.float32(guidance_scale),
                  jnp.float32(eta), key if eta else None, dtype)
+
+
+def text_to_image_models(pipe: StableDiffusion, overlays: Sequence[Mapping[str, jax.Array]], prompts: Sequence[str],
+                         seeds: Sequence[int], *, negative_prompt: str | None = '', guidance_scale: float = 7.5,
+                         num_inference_steps: int = 50, height: int | None = None, width: int | None = None,
+                         scheduler: str | None = 'ddim', eta: float = 0.0, dtype=jnp.float32) -> np.ndarray:
+  """Images (models, seeds, prompts, H, W, 3) in [0, 1] of several variants of one pipeline, in one jitted call.
+
+  Model m is `pipe` with `overlays[m]` laid over its UNet: parameters by key in the held layout (`split_flat`'s),
+  e.g. an erased model's trained tensors; {} is `pipe` itself. For seed s every model starts from the noise (and,
+  with η > 0, the sampler key) that text_to_image(seed=s) draws for these prompts, so image [m, s] is
+  text_to_image's for that model and seed; the text conditioning is computed once (the text encoder is shared).
+  """
+  prompts, seeds, overlays = list(prompts), list(seeds), list(overlays)
+  if not prompts or not seeds or not overlays:
+    raise ValueError('text_to_image_models: give at least one prompt, one seed and one model.')
+  layout, params = split_flat(pipe.unet)
+  unknown = sorted(set().union(*overlays) - set(params))
+  if unknown:
+    raise ValueError(f'text_to_image_models: {unknown[:3]} are not parameters of the UNet.')
+  varied = sorted(set().union(*overlays))  # only what some model changes is stacked, once per model
+  stacked = {k: jnp.stack([jnp.asarray(o.get(k, params[k]), params[k].dtype) for o in overlays]) for k in varied}
+  shared = {k: v for k, v in params.items() if k not in stacked}
+  sched = make_scheduler(pipe.scheduler_config, scheduler)
+  keys, latents = zip(*(_initial_latents(pipe, sched, len(prompts), s, height, width) for s in seeds))
+  cond = encode_prompts(pipe, prompts, height=height, width=width)
+  uncond = encode_prompts(pipe, [negative_prompt or ''] * len(prompts), height=height, width=width,
+                          zeros=negative_prompt is None and pipe.is_sdxl)
+  vae_def, vae_params = nnx.split(pipe.vae)
+  images = _sample_models(layout, shared, stacked, vae_def, vae_params, sched, num_inference_steps, len(overlays),
+                          jnp.stack(latents), cond, uncond, jnp.float32(guidance_scale), jnp.float32(eta),
+                          jnp.stack(keys) if eta else None, dtype)
+  return np.asarray(images)

@@ -32,11 +32,12 @@ from esd_jax.checkpoints import Checkpoints
 from esd_jax.concepts import Concept, ConceptError, by_prompt
 from esd_jax.concepts import of_config as concepts_of
 from esd_jax.errors import RunError
+from esd_jax.files import SafetensorsReader, write_json, write_safetensors
 from esd_jax.generate import encode_prompts, latent_size
 from esd_jax.loading import load_model
 from esd_jax.log import log
 from esd_jax.metrics import MetricsLog
-from esd_jax.models.state_dict import split_flat, stored_tensors
+from esd_jax.models.state_dict import held, split_flat, stored_tensors
 from esd_jax.pipeline import StableDiffusion
 from esd_jax.tokenizer import warn_if_cut
 from esd_jax.workdir import lock_workdir
@@ -113,6 +114,7 @@ class Plan:
   learning_rates: list[float]
   iterations: list[int]
   separate: bool
+  retain: list[str] = dataclasses.field(default_factory=list)  # prompts to preserve (erase.preserve)
 
   @property
   def total(self) -> int:
@@ -130,7 +132,15 @@ def plan_run(config: ml_collections.ConfigDict) -> Plan:
   if train.shared_timesteps and not separate:
     raise RunError('train.shared_timesteps aligns the draws of separate models: set erase.separate_models=True, '
                    'or leave train.shared_timesteps=False.')
-  return Plan(concepts, groups, learning_rates, iterations, separate)
+  return Plan(concepts, groups, learning_rates, iterations, separate, retain_prompts(config.erase, concepts))
+
+
+def retain_prompts(erase: ml_collections.ConfigDict, concepts: list[Concept]) -> list[str]:
+  """erase.preserve, a list of prompts ('auto' is the commands' to resolve: it knows the shapes world)."""
+  if erase.preserve == 'auto':
+    raise RunError("erase.preserve='auto' stands for the shapes world's prompts, which esd_jax.commands fills in: "
+                   'run through main.py / esd_jax.commands, or list the prompts to preserve.')
+  return list(erase.preserve)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -138,18 +148,21 @@ def plan_run(config: ml_collections.ConfigDict) -> Plan:
 
 
 def encode_concepts(pipe: StableDiffusion, concepts: list[Concept], negative_guidance: float, *, height: int,
-                    width: int) -> esd.Prompts:
-  """Text conditioning of the empty prompt, the concepts and their erase_from prompts, computed once."""
+                    width: int, retain: list[str] = ()) -> esd.Prompts:
+  """Text conditioning of the empty prompt, the concepts, their erase_from prompts and the retain prompts,
+  computed once."""
   size = dict(height=height, width=width)
   has_from = [bool(c.erase_from) for c in concepts]
-  warn_if_cut(pipe.tokenizer, [c.prompt for c in concepts] + [c.erase_from for c in concepts if c.erase_from])
+  warn_if_cut(pipe.tokenizer, [c.prompt for c in concepts] + [c.erase_from for c in concepts if c.erase_from]
+              + list(retain))
   student = None
   if any(has_from):
     student = encode_prompts(pipe, [c.erase_from or c.prompt for c in concepts], **size)
   eta = [negative_guidance if c.negative_guidance is None else c.negative_guidance for c in concepts]
   return esd.Prompts(uncond=encode_prompts(pipe, [''], **size),
                      concept=encode_prompts(pipe, [c.prompt for c in concepts], **size),
-                     student=student, has_from=jnp.asarray(has_from), eta=jnp.asarray(eta, jnp.float32))
+                     student=student, has_from=jnp.asarray(has_from), eta=jnp.asarray(eta, jnp.float32),
+                     retain=encode_prompts(pipe, list(retain), **size) if retain else None)
 
 
 def frozen_dtype(train: ml_collections.ConfigDict) -> str:
@@ -162,7 +175,8 @@ def frozen_dtype(train: ml_collections.ConfigDict) -> str:
 def objective_of(erase: ml_collections.ConfigDict, train: ml_collections.ConfigDict) -> esd.Objective:
   return esd.Objective(convention=erase.convention, negative_guidance=erase.negative_guidance,
                        guidance=erase.guidance, ddim_steps=erase.ddim_steps, sampler=erase.sampler,
-                       compute_dtype=train.compute_dtype, remat=train.remat)
+                       compute_dtype=train.compute_dtype, remat=train.remat,
+                       preserve_weight=erase.preserve_weight)
 
 
 def _fingerprint(base: dict[str, jax.Array], keys: list[str]) -> str:
@@ -193,6 +207,7 @@ def run_metadata(config: ml_collections.ConfigDict, plan: Plan, pipe: StableDiff
       'ddim_steps': erase.ddim_steps, 'sampler': erase.sampler, 'resolution': erase.resolution,
       'learning_rate': train.learning_rate, 'batch_size': train.batch_size, 'seed': train.seed,
       'compute_dtype': train.compute_dtype, 'frozen_dtype': frozen_dtype(train),
+      'preserve': plan.retain, 'preserve_weight': erase.preserve_weight if plan.retain else None,
   }
 
 
@@ -245,8 +260,9 @@ class Setup:
     return dict(layout=self.layout, objective=self.objective, scheduler=self.scheduler)
 
   def draw_one(self, key, num_concepts, per_step: int = 1) -> esd.Draws:
+    num_retain = 0 if self.prompts.retain is None else len(self.prompts.retain.context)
     return esd.draw(key, self.objective, self.scheduler, batch=self.batch, latent_shape=self.latent_shape,
-                    num_concepts=num_concepts, per_step=per_step)
+                    num_concepts=num_concepts, per_step=per_step, num_retain=num_retain)
 
   def initial_state(self, trained, trained_sharding, init) -> tuple[esd.TrainState, Any]:
     state_sharding = sharding.like_params(jax.eval_shape(init, trained), trained_sharding, self.mesh)
@@ -264,7 +280,7 @@ def one_model(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) -> Mod
   prompts = distributed.gather(setup.prompts)
   prompts = setup.place(prompts, jax.tree.map(lambda _: sharding.replicated(mesh), prompts))
   batch_sh = sharding.batch_sharding(mesh, train.batch_size, 4 + (per_step > 1), batch_axis=int(per_step > 1))
-  draws_sh = esd.Draws(batch_sh, *[sharding.replicated(mesh)] * 3)
+  draws_sh = esd.Draws(batch_sh, *[sharding.replicated(mesh)] * (len(esd.Draws._fields) - 1))
   base_key = jax.random.key(train.seed)
   draw = jax.jit(lambda i: setup.draw_one(jax.random.fold_in(base_key, i), len(plan.concepts), per_step),
                  out_shardings=draws_sh)
@@ -287,8 +303,9 @@ def separate_models(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) 
   shared, split = sharding.replicated(mesh), sharding.over_models(mesh)
   prompts = distributed.gather(setup.run(jax.jit(functools.partial(esd.per_model, groups=plan.groups)),
                                          setup.prompts))
-  prompts = setup.place(prompts, esd.Prompts(jax.tree.map(lambda _: shared, prompts.uncond),
-                                             *[jax.tree.map(lambda _: split, f) for f in prompts[1:]]))
+  model_fields = [jax.tree.map(lambda _: split, f) for f in prompts[1:-1]]
+  prompts = setup.place(prompts, esd.Prompts(jax.tree.map(lambda _: shared, prompts.uncond), *model_fields,
+                                             jax.tree.map(lambda _: shared, prompts.retain)))
   trained_sh = {k: sharding.stacked(setup.frozen_sharding[k]) for k in setup.keys}
   # Every model starts from the base weights; the broadcast materialises one copy per model.
   trained = setup.run(jax.jit(lambda p: jax.tree.map(lambda a: jnp.broadcast_to(a, (n_models, *a.shape)), p),
@@ -303,7 +320,7 @@ def separate_models(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) 
     one = lambda seed, size: setup.draw_one(jax.random.fold_in(jax.random.key(seed), i), size)
     draws = jax.vmap(one)(seeds, sizes)
     return esd.share_timesteps(draws) if train.shared_timesteps else draws
-  draws_sh = esd.Draws(*[split] * 4)
+  draws_sh = esd.Draws(*[split] * len(esd.Draws._fields))
   draw = jax.jit(draw_all, out_shardings=draws_sh)
   step_fn = jax.jit(functools.partial(esd.separate_train_step, **setup.step_kwargs),
                     in_shardings=(state_sh, setup.frozen_sharding, jax.tree.map(lambda a: a.sharding, prompts),
@@ -352,13 +369,78 @@ def set_up(config: ml_collections.ConfigDict, plan: Plan, pipe: StableDiffusion 
   pipe = pipe or load_model(config, sharding=place)
   size = config.erase.resolution or None
   h, w = latent_size(pipe, size, size)
-  prompts = encode_concepts(pipe, plan.concepts, config.erase.negative_guidance, height=size, width=size)
+  prompts = encode_concepts(pipe, plan.concepts, config.erase.negative_guidance, height=size, width=size,
+                            retain=plan.retain)
   setup = make_setup(config, mesh, pipe.unet, prompts, pipe.scheduler_config,
                      (h, w, pipe.unet.config['in_channels']))
   if frozen_dtype(config.train) != 'float32':
     # The float32 UNet goes to host memory (for the export); the devices keep the frozen copy and the trained subset.
     pipe = dataclasses.replace(pipe, unet=distributed.on_host(pipe.unet))
   return pipe, setup, run_metadata(config, plan, pipe, setup.keys, setup.base)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Erase until: a probe measures the model being trained every few iterations; the run stops when its criteria
+# hold and otherwise ends with the best model it measured.
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+  """What a probe measured of the model being trained: numbers for metrics.jsonl, whether the run's stop criteria
+  hold, and the trade-off that ranks checkpoints (lower is better)."""
+
+  numbers: dict[str, float]
+  met: bool
+  score: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+  """Measures the trained tensors (held layout, as the step trains them) every `every` iterations and at the end.
+  esd_jax.shapes_world.probe has the shapes world's (a classifier); a CLIP zero-shot judge for real models fits
+  the same call."""
+
+  every: int
+  measure: Callable[[dict[str, jax.Array]], Reading]
+
+
+class _Best:
+  """The best-scored measurement of a run and its trained tensors, kept in workdir/probe (best.json and
+  best.safetensors, stored layout), so that a resumed run knows it; `met` once a measurement met the criteria."""
+
+  def __init__(self, folder: Path):
+    self.folder = folder
+    self.record = json.loads((folder / 'best.json').read_text()) if (folder / 'best.json').is_file() else None
+
+  @property
+  def met(self) -> bool:
+    return bool(self.record and self.record['met'])
+
+  def offer(self, step: int, reading: Reading, trained: dict[str, jax.Array]) -> None:
+    if self.record is not None and (self.met or reading.score >= self.record['score']) and not reading.met:
+      return
+    tensors = distributed.gather(stored_tensors(trained))  # every process takes part; process 0 writes
+    if distributed.is_main():
+      self.folder.mkdir(parents=True, exist_ok=True)
+      write_safetensors(self.folder / 'best.safetensors', tensors)
+      self.record = {'step': step, 'score': reading.score, 'met': reading.met, **reading.numbers}
+      write_json(self.folder / 'best.json', self.record)
+
+  def trained(self) -> dict[str, np.ndarray]:
+    with SafetensorsReader(self.folder / 'best.safetensors') as tensors:
+      return {k: held(np.asarray(v())) for k, v in tensors.items()}
+
+
+def _measure(probe: Probe, best: _Best, state, step: int, metrics: MetricsLog) -> bool:
+  """Probes the state of iteration `step`, logs and ranks the reading; True when the criteria hold."""
+  tick = time.perf_counter()
+  reading = probe.measure(state.trained)
+  metrics.write({'event': 'probe', 'step': step, **reading.numbers, 'score': reading.score, 'met': reading.met,
+                 'seconds': round(time.perf_counter() - tick, 2)})
+  log.info('probe at iteration %d: %s%s', step, ', '.join(f'{k} {v:.3f}' for k, v in reading.numbers.items()),
+           ' — criteria met, stopping' if reading.met else '')
+  best.offer(step, reading, state.trained)
+  return reading.met
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -392,18 +474,35 @@ def _stop_failed(i: int, plan: Plan, losses, active, stepped, failed: dict[int, 
 
 
 def run_erasure(config: ml_collections.ConfigDict, pipe: StableDiffusion | None = None, *,
-                progress: bool = True) -> Erased:
+                progress: bool = True, stop: threading.Event | None = None,
+                on_iteration: Callable[[dict], None] | None = None,
+                probe: Callable[[StableDiffusion], Probe] | None = None) -> Erased:
   """Runs (or resumes) the erasure `config` describes and returns the trained tensors.
 
   Model m of a separate-models run draws from seed train.seed + m, exactly as a run of its concept alone with
   that seed; a model whose loss turns non-finite is stopped and reported, the others go on.
+
+  For a caller that drives the run from another thread (a server): setting `stop` acts as Ctrl-C does (the run
+  stops after the iteration in progress, saves a checkpoint and raises the "Interrupted" RunError, exit code 130;
+  the same config resumes it), and `on_iteration` receives each iteration's metrics record (the metrics.jsonl line:
+  step, loss, seconds, …) with the run's `total` iterations added.
+
+  Erase until: `probe(pipe)` builds a Probe on the loaded pipeline; the run then measures its model every
+  probe.every iterations and at the end, stops as soon as a measurement meets the probe's criteria (train.iterations
+  is then the most it runs), and otherwise returns the best-scored model it measured (workdir/probe/best.json says
+  which). One model only.
   """
   run_start = time.perf_counter()
   workdir = Path(config.workdir)
   plan = plan_run(config)
   # One run per workdir: process 0 holds the lock for all (the others share the workdir, as orbax does).
   with lock_workdir(workdir, 'erase') if distributed.is_main() else contextlib.nullcontext():
+    if probe is not None and plan.separate:
+      raise RunError('A probe (erase until) measures one model: run each concept on its own, or set '
+                     'erase.separate_models=False.')
     pipe, setup, metadata = set_up(config, plan, pipe)
+    watch = probe(pipe) if probe is not None else None
+    best = _Best(workdir / 'probe')
     build = separate_models if plan.separate else one_model
     models = build(setup, plan, config.train)
     checkpoints = Checkpoints(workdir / 'checkpoints', keep=config.checkpoint.keep)
@@ -411,26 +510,33 @@ def run_erasure(config: ml_collections.ConfigDict, pipe: StableDiffusion | None 
     try:
       restored = checkpoints.restore(models.state, models.state_sharding, metadata)
       metadata = restored.metadata
+      if not restored.step:
+        best.record = None  # a run starting afresh: a probe folder left by an earlier run is not this run's
       metrics.open(resume_step=restored.step)
       if restored.change:
         metrics.write({'event': 'learning_rate_changed', **restored.change})
-      state, failed = _loop(plan, models, restored.state, restored.failed, restored.step, checkpoints, metrics,
-                            metadata, every=config.train.checkpoint_every, progress=progress)
+      state, failed = restored.state, restored.failed
+      if not (watch and best.met):  # a run that met its criteria is done
+        state, failed = _loop(plan, models, state, failed, restored.step, checkpoints, metrics, metadata,
+                              every=config.train.checkpoint_every, progress=progress, stop=stop,
+                              on_iteration=on_iteration, probe=watch, best=best)
     finally:
       metrics.close()
       checkpoints.close()
-  trained = stored_tensors(state.trained, stacked=int(plan.separate))
+  trained = stored_tensors(best.trained() if watch else state.trained, stacked=int(plan.separate))
+  probed = {'probe': best.record} if watch else {}  # the measurement the exported model is
   return Erased(trained=trained, workdir=workdir, pipe=pipe, concepts=plan.concepts, groups=plan.groups,
                 learning_rates=plan.learning_rates, iterations=plan.iterations, failed=failed,
-                metadata={**metadata, 'iterations': plan.total}, seconds=round(time.perf_counter() - run_start, 1))
+                metadata={**metadata, 'iterations': plan.total, **probed},
+                seconds=round(time.perf_counter() - run_start, 1))
 
 
 @contextlib.contextmanager
-def _stop_requests() -> Iterator[threading.Event]:
+def _stop_requests(requested: threading.Event | None = None) -> Iterator[threading.Event]:
   """Ctrl-C (SIGINT) during the loop asks it to stop after the iteration in progress, so that it can save a
   checkpoint first (a KeyboardInterrupt inside orbax's save would leave it half-done); a second Ctrl-C interrupts
-  at once."""
-  requested = threading.Event()
+  at once. `requested`, when given, is the event set (by the caller too: its own stop button)."""
+  requested = requested or threading.Event()
   if threading.current_thread() is not threading.main_thread():
     yield requested
     return
@@ -466,13 +572,15 @@ def _collectives_failing(checkpoints: Checkpoints, iteration: Callable[[], int])
 
 
 def _loop(plan: Plan, models: Models, state, failed, start: int, checkpoints: Checkpoints, metrics: MetricsLog,
-          metadata: dict, *, every: int, progress: bool):
+          metadata: dict, *, every: int, progress: bool, stop: threading.Event | None = None,
+          on_iteration: Callable[[dict], None] | None = None, probe: Probe | None = None, best: _Best | None = None):
   """Iterations start … plan.total: draws, step, metrics, a checkpoint every `every` and at the end (and when
-  Ctrl-C asks the run to stop)."""
+  Ctrl-C or `stop` asks the run to stop); `on_iteration` gets each metrics record, with the run's total. With a
+  probe, a measurement every probe.every iterations and at the end; one that meets its criteria ends the run."""
   bar = tqdm(range(start, plan.total), initial=start, total=plan.total, desc='erase', unit='it',
              disable=not (progress and distributed.is_main()))
   i = start
-  with _stop_requests() as stop, contextlib.closing(bar), _collectives_failing(checkpoints, lambda: i):
+  with _stop_requests(stop) as stop, contextlib.closing(bar), _collectives_failing(checkpoints, lambda: i):
     for i in bar:
       draws = models.draw(i)
       # A model trains until its own iteration count, unless stopped for a non-finite loss.
@@ -480,10 +588,17 @@ def _loop(plan: Plan, models: Models, state, failed, start: int, checkpoints: Ch
       tick = time.perf_counter()
       state, losses, stepped = models.step(state, draws, active)  # host values: checked before anything is saved
       _stop_failed(i, plan, losses, active, stepped, failed, checkpoints)
-      metrics.write(_record(i, plan, draws, losses, time.perf_counter() - tick))
+      record = _record(i, plan, draws, losses, time.perf_counter() - tick)
+      metrics.write(record)
+      if on_iteration is not None:
+        on_iteration({**record, 'total': plan.total})
       bar.set_postfix(loss=f'{np.mean(losses[np.isfinite(losses)]):.5f}')  # finite ones: a stopped model's may not be
-      if (i + 1) % every == 0 or i + 1 == plan.total or stop.is_set():
+      done = probe is not None and ((i + 1) % probe.every == 0 or i + 1 == plan.total) and _measure(
+          probe, best, state, i + 1, metrics)
+      if (i + 1) % every == 0 or i + 1 == plan.total or stop.is_set() or done:
         checkpoints.save(i + 1, state, metadata, failed)
+      if done:
+        break
       if stop.is_set() and i + 1 < plan.total:
         checkpoints.wait()
         raise RunError(f'Interrupted: stopped after iteration {i + 1} of {plan.total} and saved checkpoint step {i + 1} '

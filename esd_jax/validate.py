@@ -139,6 +139,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     'erase.ddim_steps': _whole(2),
     'erase.sampler': _one_of(('ddim', 'pndm')),
     'erase.resolution': _size(),
+    'erase.preserve': ((lambda v: v == 'auto' or (isinstance(v, (list, tuple)) and all(_is_prompt(p) for p in v))),
+                       '"auto" (the shapes world\'s other prompts) or a list of non-empty prompts, e.g. '
+                       '"(\'a dog\', \'a photo of a cat\')", () for none'),
+    'erase.preserve_weight': _real(0),
 
     'train.iterations': _whole(1),
     'train.learning_rate': _real(0, above=True),
@@ -187,8 +191,19 @@ RULES: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     'evaluate.grid_seeds': _whole(0),
     'evaluate.backend': _one_of(('jax', 'diffusers')),
 
+    'probe.every': _whole(0),
+    'probe.seeds': _whole(1),
+    'probe.steps': _whole(1),
+    'probe.guidance_scale': _real(0),
+    'probe.max_shown': _real(0, high=1),
+    'probe.max_drop': _real(0, high=1),
+
     'plan.devices': _whole(0),
     'plan.json': _text(),
+
+    'serve.host': _text(nonempty=True),
+    'serve.port': _whole(1, 65535),
+    'serve.max_upload_mb': _whole(1),
 
     # configs/train_world.py (the fields of esd_jax.shapes_world.trainer.Recipe, and the classifier's).
     'output': _text(nonempty=True),
@@ -216,7 +231,7 @@ _MEASURE = tuple(k for k in _section('evaluate') if k != 'evaluate.backend')  # 
 
 COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
     'erase': (*_LOAD, *_section('erase'), *_section('train'), *_section('checkpoint'), *_section('mesh'),
-              'export.formats', 'export.dtype', 'evaluate.classifier'),  # and _MEASURE when measuring
+              'export.formats', 'export.dtype', 'evaluate.classifier', *_section('probe')),  # and _MEASURE
     'generate': (*_LOAD, *_section('generate')),
     'compare': (*_LOAD, *_section('generate'), 'export.weights'),
     'evaluate': (*_LOAD, *_section('evaluate'), 'export.weights'),
@@ -225,6 +240,8 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
     'plan': ('model', 'workdir', 'prediction_type', 'attention', *_section('erase'), *_section('train'),
              *_section('mesh'), *_section('plan')),
     'train_world': ('output', *_section('world'), *_section('classifier')),
+    # the forms' defaults (erase, generate, export, evaluate) are checked when a form is submitted
+    'serve': (*_LOAD, *_section('serve'), 'mesh.distributed'),
 }
 
 
@@ -341,6 +358,11 @@ def _recipe(config) -> None:
                       f'(esd_jax.shapes_world.trainer.Recipe) has {sorted(known)}.')
 
 
+def _one_process(config) -> None:
+  if _get(config, 'mesh.distributed') is True:
+    raise _fail('mesh.distributed', True, 'False with `serve` (the web app runs in one process)')
+
+
 RELATIONS: dict[str, tuple[Callable[[Any], None], ...]] = {
     'erase': (_sampler, _mesh, _patterns, _separate, _concepts, _classifier_folder),
     'dry_run': (_patterns,),
@@ -349,6 +371,7 @@ RELATIONS: dict[str, tuple[Callable[[Any], None], ...]] = {
     'export': (_weights_file,),
     'compare': (_weights_file,),
     'train_world': (_recipe,),
+    'serve': (_one_process,),
 }
 
 

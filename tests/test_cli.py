@@ -39,6 +39,11 @@ def test_bad_command_and_unknown_field(tmp_path):
   assert result.returncode != 0 and "Unknown command 'erase-everything'" in result.stderr
   result = _main('generate', '--config.generate.stepz=3', cwd=tmp_path)
   assert result.returncode != 0 and 'stepz' in result.stderr
+  result = _main('serve', '--config.serve.port=abc', cwd=tmp_path)  # the flag parser's message, naming the flag
+  assert result.returncode != 0 and "flag --config.serve.port=abc: invalid literal for int()" in result.stderr
+  result = _main('serve', 'erase', cwd=tmp_path)
+  assert result.returncode != 0 and '`serve` runs the web app until it is stopped (Ctrl-C): run it alone.' in (
+      result.stderr)
 
 
 def test_user_errors_are_one_message_before_any_work(tmp_path):
@@ -46,7 +51,12 @@ def test_user_errors_are_one_message_before_any_work(tmp_path):
   cases = {('erase', '--config.train.iterations=0'): '--config.train.iterations=0 is not valid',
            ('erase', "--config.export.formats=('onnx',)"): '--config.export.formats',
            ('generate', f'--config.model={tmp_path / "weights.bin"}'): 'is a file but not a single-file checkpoint',
-           ('generate', '--config.attention=cudnn'): "attention='cudnn' runs on GPU only, and this backend is 'cpu'"}
+           ('generate', '--config.attention=cudnn'): "attention='cudnn' runs on GPU only, and this backend is 'cpu'",
+           ('serve', '--config.serve.port=70000'): ('--config.serve.port=70000 is not valid: expected a whole number '
+                                                    '≥ 1 and ≤ 65535.'),
+           ('serve', '--config.serve.host='): "--config.serve.host='' is not valid: expected a non-empty string.",
+           ('serve', '--config.mesh.distributed=True'): '--config.mesh.distributed=True is not valid: expected False '
+                                                        'with `serve`'}
   for args, message in cases.items():
     result = _main(*args, f'--config.workdir={tmp_path / "run"}', cwd=tmp_path)
     assert result.returncode == 1 and message in result.stderr, result.stderr[-3000:]

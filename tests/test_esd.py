@@ -37,28 +37,29 @@ def _setup():
   ours = load_from_torch(build_abstract({**ref.config, '_class_name': 'UNet2DConditionModel'}), ref)
   rng = np.random.default_rng(0)
   emb = {name: rng.standard_normal((1, 6, 32)).astype(np.float32) for name in ('concept', 'uncond', 'from')}
+  emb['retain'] = rng.standard_normal((2, 6, 32)).astype(np.float32)  # two retain prompts; the draw takes the second
   x_T = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
   return ref, ours, emb, x_T
 
 
 @functools.cache
-def _ours(convention: str, erase_from: bool):
+def _ours(convention: str, erase_from: bool, retain: bool = False):
   """Our loss, x_t, gradients and parameters after one Adam step, training the `notime` subset.
 
   One compilation per convention serves every method: at the first step the student equals the frozen
   model (so x_t does not depend on what trains), a tensor's gradient does not depend on which other tensors
   train, and Adam updates each element on its own. `notime` contains esd-x, esd-u and esd-x-strict and is
-  still a partial overlay on the frozen tree.
+  still a partial overlay on the frozen tree. `retain`: with the preservation term, retain prompt 1 drawn.
   """
   _, ours, emb, x_T = _setup()
   layout, frozen = split_flat(ours)
-  objective = esd.Objective(convention=convention, negative_guidance=ETA, ddim_steps=STEPS)
+  objective = esd.Objective(convention=convention, negative_guidance=ETA, ddim_steps=STEPS, preserve_weight=0.7)
   scheduler = objective.scheduler(SCHEDULER)
   cond = lambda name: Conditioning(jnp.asarray(emb[name]))
   prompts = esd.Prompts(cond('uncond'), cond('concept'), cond('from') if erase_from else None,
-                        jnp.asarray([erase_from]))
+                        jnp.asarray([erase_from]), retain=cond('retain') if retain else None)
   step, t = DRAWS[convention]
-  draws = esd.Draws(jnp.asarray(x_T), jnp.int32(step), jnp.int32(t), jnp.int32(0))
+  draws = esd.Draws(jnp.asarray(x_T), jnp.int32(step), jnp.int32(t), jnp.int32(0), jnp.int32(1))
   trained = {k: frozen[k] for k in trained_keys(frozen, 'notime')}
   loss_fn = jax.jit(jax.value_and_grad(functools.partial(esd.esd_loss, layout=layout, objective=objective,
                                                          scheduler=scheduler), has_aux=True))
@@ -68,15 +69,16 @@ def _ours(convention: str, erase_from: bool):
   return float(loss), np.asarray(x_t), grads, optax.apply_updates(trained, updates)
 
 
-CASES = [(c, m, False) for c in esd.CONVENTIONS for m in ('esd-x', 'esd-u', 'esd-x-strict')]
-CASES += [('paper', 'esd-x', True), ('diffusers-v2', 'esd-x', True)]
+CASES = [(c, m, False, False) for c in esd.CONVENTIONS for m in ('esd-x', 'esd-u', 'esd-x-strict')]
+CASES += [('paper', 'esd-x', True, False), ('diffusers-v2', 'esd-x', True, False)]
+CASES += [('paper', 'esd-u', False, True), ('diffusers-v2', 'esd-x', True, True)]  # with the preservation term
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize('convention,method,erase_from', CASES)
-def test_step_matches_pytorch_reference(convention, method, erase_from):
+@pytest.mark.parametrize('convention,method,erase_from,retain', CASES)
+def test_step_matches_pytorch_reference(convention, method, erase_from, retain):
   ref_unet, ours, emb, x_T = _setup()
-  loss, x_t, grads, after = _ours(convention, erase_from)
+  loss, x_t, grads, after = _ours(convention, erase_from, retain)
   grads, after = stored_tensors(grads), stored_tensors(after)  # PyTorch's layouts (convolution kernels OIHW)
   keys = trained_keys(split_flat(ours)[1], method)
   step, t = DRAWS[convention]
@@ -85,7 +87,8 @@ def test_step_matches_pytorch_reference(convention, method, erase_from):
   want = torch_esd.esd_step(
       ref_copy, SCHEDULER, convention=convention, x_T=nchw(x_T), step_index=step, query_t=t,
       concept_emb=emb['concept'], uncond_emb=emb['uncond'], erase_from_emb=emb['from'] if erase_from else None,
-      eta=ETA, guidance=3.0, num_ddim_steps=STEPS, trained=keys, lr=LR)
+      eta=ETA, guidance=3.0, num_ddim_steps=STEPS, trained=keys, lr=LR,
+      retain_emb=emb['retain'][1:] if retain else None, preserve_weight=0.7)
   assert sorted(want['grads']) == keys
   assert abs(loss - want['loss']) <= 1e-4 * abs(want['loss']) and want['loss'] > 0
   assert rel_err(x_t, nhwc(want['x_t'])) <= 1e-4

@@ -11,7 +11,7 @@ import pytest
 from esd_jax import validate
 from esd_jax.validate import ConfigError, check
 
-USER_COMMANDS = ('erase', 'generate', 'export', 'compare', 'evaluate', 'dry_run')
+USER_COMMANDS = ('erase', 'generate', 'export', 'compare', 'evaluate', 'dry_run', 'serve')
 CONFIGS = ('default', 'sd14_esd_x', 'sd14_esd_u', 'sd14_diffusers_v1', 'sd14_diffusers_v2', 'shapes_colour',
            'shapes_colour:blue', 'shapes_four_models')
 
@@ -124,6 +124,12 @@ FAULTS = [
     ('evaluate', 'evaluate__steps', 0, '≥ 1'),
     ('erase', 'evaluate__seeds', 0, '≥ 1'),  # erase measures with the classifier the default config names
     ('dry_run', 'model', '', 'non-empty'),
+    ('serve', 'serve__port', 0, '≥ 1'),
+    ('serve', 'serve__port', 65536, '≤ 65535'),
+    ('serve', 'serve__port', '7860', 'whole number'),
+    ('serve', 'serve__host', '', 'non-empty'),
+    ('serve', 'serve__max_upload_mb', 0, '≥ 1'),
+    ('serve', 'model', '', 'non-empty'),
 ]
 
 
@@ -158,6 +164,7 @@ RELATED = [
     ('evaluate', dict(export__weights='/no/such/w.safetensors'), 'export.weights', 'no file'),
     ('export', dict(export__weights='/no/such/w.safetensors'), 'export.weights', 'no file'),
     ('compare', dict(export__weights='/no/such/w.pt'), 'export.weights', 'no file'),
+    ('serve', dict(mesh__distributed=True), 'mesh.distributed', 'one process'),
 ]
 
 

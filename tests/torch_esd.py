@@ -126,7 +126,8 @@ def _query_timesteps(convention: str, config, scheduler, num_steps: int, step_in
 def esd_step(unet: UNet2DConditionModel, scheduler_config: dict, *, convention: str, x_T, step_index: int,
              query_t: int, concept_emb, uncond_emb, erase_from_emb=None, eta: float = 1.0,
              guidance: float = 3.0, num_ddim_steps: int = 50, trained: list[str], lr: float = 1e-5,
-             sampler: str = 'ddim', teacher: UNet2DConditionModel | None = None) -> dict:
+             sampler: str = 'ddim', teacher: UNet2DConditionModel | None = None, retain_emb=None,
+             preserve_weight: float = 1.0) -> dict:
   """One ESD iteration: sample x_t, build the negatively guided target with the frozen θ*, take one Adam step
   on the `trained` tensors of θ = `unet` (updated in place, as the training loop would).
 
@@ -135,6 +136,8 @@ def esd_step(unet: UNet2DConditionModel, scheduler_config: dict, *, convention: 
     (the frozen model samples with `sampler` 'ddim' or 'pndm', step_index = k ∈ {0..S−1},
     query_t = timesteps[k]); see docs/method.md §2 and §4. A query_t the convention does not allow raises.
   eta: the paper's negative guidance η in every convention ('diffusers-v2' uses η_C = η + 1 internally).
+  retain_emb: a prompt r to preserve (docs/method.md §5): x_r is sampled for r exactly as x_t is for the student's
+    prompt, from the same x_T, and the loss adds preserve_weight · mse(ε_θ(x_r, r, t), ε*(x_r, r, t)).
   teacher: θ*; a deep copy of `unet` taken before the step when None. A different one lets a test tell
     which model samples; the 'paper' and 'diffusers-v1' conventions sample with θ, 'diffusers-v2' with θ*.
   Embeddings are (1 or B, L, D) arrays; x_T is the (B, C, H, W) initial noise. 'paper' reads only β_start,
@@ -176,13 +179,21 @@ def esd_step(unet: UNet2DConditionModel, scheduler_config: dict, *, convention: 
   student_emb = c if f is None else f
   teacher = copy.deepcopy(unet) if teacher is None else teacher
 
-  with torch.no_grad():
+  r = None if retain_emb is None else _tensor(retain_emb).expand(x.shape[0], -1, -1)
+
+  def sample(prompt_emb):
     if convention == 'paper':
-      x_t = sample_paper(unet, config, num_ddim_steps, x, student_emb, u, guidance, step_index)
-    else:
-      sampling_model = unet if convention == 'diffusers-v1' else teacher
-      x_t = sample_scheduler(sampling_model, scheduler, scheduler.timesteps[:step_index], x, student_emb, u,
-                             guidance)
+      return sample_paper(unet, config, num_ddim_steps, x, prompt_emb, u, guidance, step_index)
+    if scheduler is not None:
+      scheduler.set_timesteps(num_ddim_steps)  # a fresh walk: PNDM keeps state between calls
+    sampling_model = unet if convention == 'diffusers-v1' else teacher
+    return sample_scheduler(sampling_model, scheduler, scheduler.timesteps[:step_index], x, prompt_emb, u, guidance)
+
+  with torch.no_grad():
+    x_t = sample(student_emb)
+    if r is not None:
+      x_r = sample(r)
+      target_r = _eps(teacher, x_r, query_t, r)
     e_c, e_u = _eps(teacher, x_t, query_t, c), _eps(teacher, x_t, query_t, u)
     if convention == 'diffusers-v2':
       anchor = e_c if f is None else _eps(teacher, x_t, query_t, f)
@@ -201,6 +212,8 @@ def esd_step(unet: UNet2DConditionModel, scheduler_config: dict, *, convention: 
     optimizer.zero_grad(set_to_none=True)
     with torch.enable_grad():
       loss = F.mse_loss(_eps(unet, x_t, query_t, student_emb), target)
+      if r is not None:
+        loss = loss + preserve_weight * F.mse_loss(_eps(unet, x_r, query_t, r), target_r)
       loss.backward()
     grads = {n: params[n].grad.detach().numpy().copy() for n in trained}
     optimizer.step()

@@ -5,6 +5,11 @@ imperfect images: it trains on freshly drawn images (never the same batch twice)
 random gaussian blur, colour jitter and pixel noise, with shapes somewhat smaller, larger and further out
 than the world allows (a generation that draws a square too big is still a square). It is saved as a
 folder with `config.json` and `model.safetensors`.
+
+And it must not flatter an erasure: with `reject: true` in its config (the shipped judge) each head has one
+more answer, 'none' ("no recognisable shape", "no clear colour"), learnt from unrecognisable.py's images of
+what erased models draw (fragments, blobs, bent and broken shapes, smears, blotched, blended and grey
+colours), a third of every training batch. A config without the field loads as before: four answers each.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import optax
 from flax import nnx
 
 from esd_jax.files import SafetensorsReader, atomic_path, write_json, write_safetensors
-from esd_jax.shapes_world import world
+from esd_jax.shapes_world import unrecognisable, world
 from esd_jax.shapes_world.fit import fit
 from esd_jax.models.config import read_config
 from esd_jax.models.layers import Conv2d, GroupNorm, Linear, ParamKeys
@@ -31,18 +36,27 @@ from esd_jax.models.state_dict import abstract, load_state_dict, state_dict
 
 CLASS_NAME = 'ShapesClassifier'
 _DEFAULTS = {'_class_name': CLASS_NAME, 'block_out_channels': (16, 32, 64, 64), 'hidden': 64,
-             'norm_num_groups': 8}
+             'norm_num_groups': 8, 'reject': False}
 _SUPPORTED = {'_class_name': [CLASS_NAME],
-              'block_out_channels': lambda c: len(c) >= 1 and all(int(x) > 0 for x in c)}
+              'block_out_channels': lambda c: len(c) >= 1 and all(int(x) > 0 for x in c),
+              'reject': [False, True]}
+JUDGE = {'reject': True}  # what train_classifier trains by default: the shipped judge's config
+
+# What predict's ids name: the world's shapes and colours, then 'none' (only from a judge with reject: true).
+SHAPE_LABELS = (*world.SHAPES, 'none')
+COLOUR_LABELS = (*world.COLOUR_NAMES, 'none')
 
 # Training-time layouts: sides and positions beyond the world's 24…44 px and 4…59 px box.
 TRAIN_SIDES = (16, 52)
 EVAL_SEED = 2_000_003  # held-out images: a seed no training run in this project uses
+# Training defaults: per batch, world drawings and (a third of the batch) unrecognisable images.
+BATCH_SIZE, UNRECOGNISABLE_N, LEARNING_RATE = 64, 32, 3e-3
 
 
 class ShapesClassifier(nnx.Module):
   """Stride-2 conv blocks (conv → GroupNorm → SiLU), mean- and max-pooled, then a shared hidden layer and
-  two heads: `shape_head` (logits over world.SHAPES) and `colour_head` (logits over world.COLOURS).
+  two heads: `shape_head` (logits over world.SHAPES) and `colour_head` (logits over world.COLOURS), each
+  with a last logit for 'none' when the config says `reject` (SHAPE_LABELS, COLOUR_LABELS).
 
   Takes NHWC float images in [0, 1].
   """
@@ -56,8 +70,8 @@ class ShapesClassifier(nnx.Module):
                            for a, b in zip(widths, widths[1:])])
     self.norms = nnx.List([GroupNorm(c['norm_num_groups'], b) for b in widths[1:]])
     self.hidden = Linear(2 * widths[-1], c['hidden'], rngs=rngs)
-    self.shape_head = Linear(c['hidden'], len(world.SHAPES), rngs=rngs)
-    self.colour_head = Linear(c['hidden'], len(world.COLOURS), rngs=rngs)
+    self.shape_head = Linear(c['hidden'], len(world.SHAPES) + c['reject'], rngs=rngs)
+    self.colour_head = Linear(c['hidden'], len(world.COLOURS) + c['reject'], rngs=rngs)
 
   def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(shape logits, colour logits) of float images in [0, 1]."""
@@ -104,14 +118,20 @@ def augment(key: jax.Array, images: jax.Array, noise: jax.Array) -> jax.Array:
   return jnp.clip(x * gain + offset + noise_level * noise, 0, 1)
 
 
-def training_batch(rng: np.random.Generator, n: int):
-  """n fresh drawings (uint8) with their shape and colour ids, sides in TRAIN_SIDES anywhere on the canvas,
-  and standard normal noise for `augment`."""
+def training_batch(rng: np.random.Generator, n: int, unrecognisable_n: int = 0):
+  """n fresh drawings (uint8), then `unrecognisable_n` unrecognisable images, with their shape and colour ids
+  (SHAPE_LABELS, COLOUR_LABELS), sides in TRAIN_SIDES anywhere on the canvas, and standard normal noise for
+  `augment`. The drawings' edges wobble as generated ones do (unrecognisable.faithful), so that a judge
+  that rejects learns that only what is clearly distorted is 'none'."""
   shape_ids = rng.integers(0, len(world.SHAPES), n)
   colour_ids = rng.integers(0, len(world.COLOURS), n)
   sides = rng.integers(TRAIN_SIDES[0], TRAIN_SIDES[1] + 1, n)
   positions = rng.integers(0, world.SIZE - sides[:, None] + 1, (n, 2))
-  images = world.draw(shape_ids, colour_ids, sides, positions)
+  images = unrecognisable.faithful(rng, shape_ids, colour_ids, sides, positions)
+  if unrecognisable_n:
+    # The same sides and placements as the drawings, so that neither says which kind an image is.
+    more = unrecognisable.sample(rng, unrecognisable_n, sides=TRAIN_SIDES, margin=0)[:3]
+    images, shape_ids, colour_ids = (np.concatenate(pair) for pair in zip((images, shape_ids, colour_ids), more))
   return images, shape_ids, colour_ids, rng.standard_normal(images.shape, np.float32)
 
 
@@ -121,22 +141,27 @@ def _loss(model: ShapesClassifier, images, shape_ids, colour_ids):
           + optax.softmax_cross_entropy_with_integer_labels(colour_logits, colour_ids).mean())
 
 
-def train_classifier(steps: int = 400, seed: int = 0, *, batch_size: int = 64, learning_rate: float = 3e-3,
+def train_classifier(steps: int = 1500, seed: int = 0, *, batch_size: int = BATCH_SIZE,
+                     unrecognisable_n: int = UNRECOGNISABLE_N, learning_rate: float = LEARNING_RATE,
                      config: Mapping[str, Any] | None = None,
                      log: Callable[[str], None] | None = print) -> ShapesClassifier:
   """Trains a classifier from `seed` on freshly drawn, augmented images with Adam (warm-up, cosine decay, no
-  clipping), through fit.fit; `log` receives the loss ten times over the run.
+  clipping), through fit.fit; `log` receives the loss ten times over the run. Each batch: `batch_size`
+  drawings of the world and, for a judge that rejects (`config`'s `reject`, true unless it says false),
+  `unrecognisable_n` unrecognisable images.
 
-  Deterministic for a given (steps, seed, batch_size, learning_rate, config) on a given backend.
+  Deterministic for a given (steps, seed, batch sizes, learning_rate, config) on a given backend.
   """
-  graphdef, params = nnx.split(build_classifier(config, seed=seed))
+  model = build_classifier({**JUDGE, **(config or {})}, seed=seed)
+  unrecognisable_n = unrecognisable_n if model.config['reject'] else 0
+  graphdef, params = nnx.split(model)
 
   def loss(params, key, images, shape_ids, colour_ids, noise):
     x = augment(key, images.astype(jnp.float32) / 255, noise)
     return _loss(nnx.merge(graphdef, params), x, shape_ids, colour_ids)
 
-  params, history = fit(params, loss, lambda rng: training_batch(rng, batch_size), steps=steps, seed=seed,
-                        learning_rate=learning_rate, clip=None, desc='classifier',
+  params, history = fit(params, loss, lambda rng: training_batch(rng, batch_size, unrecognisable_n),
+                        steps=steps, seed=seed, learning_rate=learning_rate, clip=None, desc='classifier',
                         log_every=max(1, steps // 10) if log else 0)
   for h in history:
     log(f'classifier step {h["step"]}/{steps}: loss {h["loss"]:.4f} ({h["seconds"]:.0f} s)')
@@ -151,7 +176,7 @@ def _probs(model: ShapesClassifier, images: jax.Array):
 
 def predict(model: ShapesClassifier, images, *, batch_size: int = 512):
   """(shape_ids, colour_ids, shape_probs, colour_probs) of NHWC images: uint8 in 0…255, or floats in [0, 1]
-  (as pipelines return them). Ids index world.SHAPES and world.COLOURS; all results are numpy arrays."""
+  (as pipelines return them). Ids index SHAPE_LABELS and COLOUR_LABELS; all results are numpy arrays."""
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f'predict: expected NHWC RGB images, got an array of shape {images.shape}.')
@@ -172,17 +197,41 @@ def predict(model: ShapesClassifier, images, *, batch_size: int = 512):
 _augment = jax.jit(augment)
 
 
+def _degraded(rng: np.random.Generator, seed: int, images: np.ndarray) -> np.ndarray:
+  noise = rng.standard_normal(images.shape, np.float32)
+  return np.asarray(_augment(jax.random.key(seed), jnp.asarray(images, jnp.float32) / 255, noise))
+
+
 def held_out_accuracy(model: ShapesClassifier, n: int = 2000, *, seed: int = EVAL_SEED,
-             augmented: bool = False) -> dict[str, float]:
-  """Shape and colour accuracy on n fresh world images from `seed` (optionally degraded by `augment`)."""
+                      augmented: bool = False) -> dict[str, float]:
+  """Shape and colour accuracy on n fresh world images from `seed` (optionally degraded by `augment`), and
+  the fractions of them a rejecting judge answers 'none' (`rejected_shape`, `rejected_colour`)."""
   rng = np.random.default_rng(seed)
   images, shape_ids, colour_ids, _ = world.sample(rng, n)
   if augmented:
-    noise = rng.standard_normal(images.shape, np.float32)
-    images = np.asarray(_augment(jax.random.key(seed), jnp.asarray(images, jnp.float32) / 255, noise))
+    images = _degraded(rng, seed, images)
   pred_shape, pred_colour, _, _ = predict(model, images)
-  return {'shape': float(np.mean(pred_shape == shape_ids)),
-          'colour': float(np.mean(pred_colour == colour_ids))}
+  return {'shape': float(np.mean(pred_shape == shape_ids)), 'colour': float(np.mean(pred_colour == colour_ids)),
+          'rejected_shape': float(np.mean(pred_shape == unrecognisable.SHAPE_NONE)),
+          'rejected_colour': float(np.mean(pred_colour == unrecognisable.COLOUR_NONE))}
+
+
+def held_out_unrecognisable(model: ShapesClassifier, n: int = 500, *, seed: int = EVAL_SEED,
+                            augmented: bool = False) -> dict[str, dict[str, float | None]]:
+  """Per kind of unrecognisable.KINDS, on n fresh images of it from `seed` at the world's sides and positions
+  (optionally degraded by `augment`): `rejected`, the fraction of the answers that should be 'none' that are
+  (both heads counted), and `kept`, the accuracy of those that should name a shape or colour (None if none)."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for kind in unrecognisable.KINDS:
+    images, shape_ids, colour_ids = unrecognisable.draw(kind, rng, n)
+    if augmented:
+      images = _degraded(rng, seed, images)
+    pred_shape, pred_colour, _, _ = predict(model, images)
+    right = np.concatenate([pred_shape == shape_ids, pred_colour == colour_ids])
+    none = np.concatenate([shape_ids == unrecognisable.SHAPE_NONE, colour_ids == unrecognisable.COLOUR_NONE])
+    out[kind] = {'rejected': float(right[none].mean()), 'kept': float(right[~none].mean()) if (~none).any() else None}
+  return out
 
 
 def save_classifier(model: ShapesClassifier, folder: str | os.PathLike) -> None:
@@ -194,12 +243,18 @@ def save_classifier(model: ShapesClassifier, folder: str | os.PathLike) -> None:
 
 
 def train_and_save(steps: int, seed: int, folder: str | os.PathLike) -> dict:
-  """Trains the classifier and saves it to `folder` with training.json (settings, held-out accuracy)."""
+  """Trains the judge (train_classifier's defaults) and saves it to `folder` with training.json: settings,
+  held-out accuracy and rejection on 2,000 drawings, rejection per kind on 500 unrecognisable images each
+  (measure.record_base_model_check adds the judge's view of the shipped model's generations)."""
   start = time.perf_counter()
   model = train_classifier(steps, seed)
-  record = {'steps': steps, 'seed': seed, 'seconds': round(time.perf_counter() - start, 1),
+  seconds = round(time.perf_counter() - start, 1)
+  record = {'steps': steps, 'seed': seed, 'seconds': seconds, 'backend': jax.default_backend(),
+            'batch_size': BATCH_SIZE, 'unrecognisable_n': UNRECOGNISABLE_N, 'learning_rate': LEARNING_RATE,
             'held_out_accuracy': {'clean': held_out_accuracy(model),
-                                  'degraded': held_out_accuracy(model, augmented=True)}}
+                                  'degraded': held_out_accuracy(model, augmented=True)},
+            'held_out_unrecognisable': {'clean': held_out_unrecognisable(model),
+                                        'degraded': held_out_unrecognisable(model, augmented=True)}}
   save_classifier(model, folder)
   write_json(Path(folder) / 'training.json', record)
   return record

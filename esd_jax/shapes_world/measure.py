@@ -1,14 +1,16 @@
 """Measures a shapes-world pipeline: what its generations show, as the shipped classifier sees them.
 
 For each prompt, n images from seeds 0…n-1 (image j of every prompt starts from the same noise, so rows of
-different prompts or models compare seed by seed); the classifier names each image's shape and colour, and
-the accuracy is the fraction showing what the prompt names (None where the prompt names no shape/colour).
+different prompts or models compare seed by seed); the classifier names each image's shape and colour, or
+'none' (no recognisable shape, no clear colour), and the accuracy is the fraction showing what the prompt names
+(None where the prompt names no shape/colour): an image judged 'none' is not one that kept it.
 Runs on our JAX pipeline, or on diffusers' StableDiffusionPipeline in PyTorch for the same folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -81,7 +83,7 @@ def generate_diffusers(folder: str | os.PathLike, prompts: Sequence[str], seeds:
 
 def score(model: judge.ShapesClassifier, prompts: Sequence[str], images: np.ndarray) -> dict[str, dict]:
   """Per prompt: the fraction of its images showing the prompted shape and colour, and the counts of
-  each predicted shape and colour."""
+  each predicted shape and colour, 'none' included (judge.SHAPE_LABELS, judge.COLOUR_LABELS)."""
   n_prompts, n_seeds = images.shape[:2]
   shape_ids, colour_ids, _, _ = judge.predict(model, images.reshape(-1, *images.shape[2:]))
   shape_ids, colour_ids = shape_ids.reshape(n_prompts, n_seeds), colour_ids.reshape(n_prompts, n_seeds)
@@ -91,8 +93,8 @@ def score(model: judge.ShapesClassifier, prompts: Sequence[str], images: np.ndar
     report[prompt] = {
         'shape': None if shape is None else float(np.mean(shape_ids[i] == shape)),
         'colour': None if colour is None else float(np.mean(colour_ids[i] == colour)),
-        'shapes': {name: int(np.sum(shape_ids[i] == k)) for k, name in enumerate(world.SHAPES)},
-        'colours': {name: int(np.sum(colour_ids[i] == k)) for k, name in enumerate(world.COLOUR_NAMES)},
+        'shapes': {name: int(np.sum(shape_ids[i] == k)) for k, name in enumerate(judge.SHAPE_LABELS)},
+        'colours': {name: int(np.sum(colour_ids[i] == k)) for k, name in enumerate(judge.COLOUR_LABELS)},
     }
   return report
 
@@ -111,29 +113,70 @@ def mean_rate(report: dict[str, dict], key: str, prompts: Sequence[str]) -> floa
   return float(np.mean(values)) if values else float('nan')
 
 
-def erasure_summary(base: dict[str, dict], erased: dict[str, dict], concept: str) -> dict:
-  """The erasure's effect on what the concept names (a shape or a colour of the world) and on the rest.
+def overall(report: dict[str, dict]) -> dict[str, float]:
+  """score's report over all its prompts: mean shape and colour accuracy, fractions of images judged 'none'."""
+  n = sum(sum(r['shapes'].values()) for r in report.values())
+  return {'shape': mean_rate(report, 'shape', list(report)), 'colour': mean_rate(report, 'colour', list(report)),
+          'rejected_shape': sum(r['shapes']['none'] for r in report.values()) / n,
+          'rejected_colour': sum(r['colours']['none'] for r in report.values()) / n}
 
-  `erased_rate`: over prompts naming the concept, the fraction of erased-model images still showing it.
-  `others`: for each other shape (colour), its accuracy over the prompts naming it, before and after.
-  For a colour, `kept_shape` is the shape accuracy on the prompts naming the erased colour.
+
+def record_base_model_check(pipe: StableDiffusion, seeds: int = 64, sampling: Sampling = Sampling(),
+                            folder: Path = shapes_world.CLASSIFIER) -> dict:
+  """The check that matters most for a judge: the shipped base model (`pipe`, loaded from
+  shapes_world.PIPELINE) draws the world faithfully, so its generations (world.PROMPTS × seeds 0…seeds-1) must
+  not be rejected. Adds `base_model_generations` (overall's numbers and the lowest prompt) to the judge's
+  `folder`/training.json and returns it."""
+  prompts = list(world.PROMPTS)
+  report = score(judge.load_classifier(folder), prompts, generate_jax(pipe, prompts, range(seeds), sampling))
+  lowest = min(prompts, key=lambda p: min(report[p]['shape'], report[p]['colour']))
+  check = {'images_per_prompt': seeds, 'steps': sampling.steps, 'guidance_scale': sampling.guidance_scale,
+           **overall(report), 'lowest_prompt': {'prompt': lowest, **{k: report[lowest][k] for k in ('shape', 'colour')}}}
+  record = json.loads((folder / 'training.json').read_text())
+  write_json(folder / 'training.json', {**record, 'base_model_generations': check})
+  return check
+
+
+_KINDS = {'shape': (0, world.SHAPES), 'colour': (1, world.COLOUR_NAMES)}  # world.parse's index, the names
+
+
+def erasure_summary(base: dict[str, dict], erased: dict[str, dict], concept: str) -> dict:
+  """The erasure's effect on what the concept names (a shape or a colour of the world) and on the rest, from
+  score's reports of the original (`base`) and the erased model. An image judged 'none' shows nothing.
+
+  `base_rate`, `erased_rate`: over prompts naming the concept, the fraction of images showing it.
+  `others`: for each other concept of its kind (shape or colour), its accuracy before and after over the
+  prompts naming it; `other_kind`: the same for each concept of the other kind, over the prompts naming it and
+  not the erased concept (erasing circle measures red on "a red square / triangle / cross").
+  `worst_other_shape`, `worst_other_colour`: {name, drop} of the largest drop of each kind; `max_other_drop`:
+  the larger of the two (drops are fractions: 0.05 is 5 points of accuracy).
+  `kept_colour` (a shape erased) or `kept_shape` (a colour erased): the other kind's accuracy after the
+  erasure on the prompts naming the concept.
   """
   shape, colour = world.parse(concept)
   if (shape is None) == (colour is None):
     raise ValueError(f'{concept!r} names {"no" if shape is None else "more than one"} shape or colour of the '
                      f'world; the summary measures erasing one of {world.SHAPES + world.COLOUR_NAMES}.')
-  key, names, erased_id = ('shape', world.SHAPES, shape) if shape is not None else ('colour', world.COLOUR_NAMES,
-                                                                                    colour)
-  naming = lambda k: [p for p in base if world.parse(p)[0 if key == 'shape' else 1] == k]
-  summary = {'concept': concept, 'kind': key, 'base_rate': mean_rate(base, key, naming(erased_id)),
-             'erased_rate': mean_rate(erased, key, naming(erased_id)), 'others': {}}
-  for k, name in enumerate(names):
-    if k != erased_id:
-      before, after = mean_rate(base, key, naming(k)), mean_rate(erased, key, naming(k))
-      summary['others'][name] = {'before': before, 'after': after, 'drop': before - after}
-  summary['max_other_drop'] = max(o['drop'] for o in summary['others'].values())
-  if key == 'colour':
-    summary['kept_shape'] = mean_rate(erased, 'shape', naming(erased_id))
+  kind, other = ('shape', 'colour') if shape is not None else ('colour', 'shape')
+  erased_id = shape if kind == 'shape' else colour
+  own = [p for p in base if world.parse(p)[_KINDS[kind][0]] == erased_id]
+
+  def effect(key: str, k: int) -> dict[str, float]:
+    prompts = [p for p in base if world.parse(p)[_KINDS[key][0]] == k and p not in own]
+    before, after = mean_rate(base, key, prompts), mean_rate(erased, key, prompts)
+    return {'before': before, 'after': after, 'drop': before - after}
+
+  summary = {'concept': concept, 'kind': kind, 'base_rate': mean_rate(base, kind, own),
+             'erased_rate': mean_rate(erased, kind, own),
+             'others': {name: effect(kind, k) for k, name in enumerate(_KINDS[kind][1]) if k != erased_id},
+             'other_kind': {name: effect(other, k) for k, name in enumerate(_KINDS[other][1])}}
+  for key, group in ((kind, summary['others']), (other, summary['other_kind'])):
+    measured = {name: o['drop'] for name, o in group.items() if np.isfinite(o['drop'])}  # prompts name it
+    worst = max(measured, key=measured.get) if measured else None
+    summary[f'worst_other_{key}'] = {'name': worst, 'drop': measured[worst] if worst else float('nan')}
+  summary['max_other_drop'] = float(np.nanmax([summary['worst_other_shape']['drop'],
+                                               summary['worst_other_colour']['drop']]))
+  summary[f'kept_{other}'] = mean_rate(erased, other, own)
   return summary
 
 
@@ -174,9 +217,11 @@ def measure_erasure(workdir: Path, judge_model: judge.ShapesClassifier, prompts:
   grid = comparison_grid(workdir / 'erasure.png', prompts, generated, grid_seeds)
   for name, model_summaries in summaries.items():
     for s in model_summaries:
-      others = ', '.join(f'{k} {v["before"]:.0%}→{v["after"]:.0%}' for k, v in s['others'].items())
-      kept = f'; their shape kept in {s["kept_shape"]:.0%}' if 'kept_shape' in s else ''
+      other = 'colour' if s['kind'] == 'shape' else 'shape'
+      others, across = (', '.join(f'{k} {v["before"]:.0%}→{v["after"]:.0%}' for k, v in s[group].items())
+                        for group in ('others', 'other_kind'))
       print(f'[{name}] {s["concept"]}: shown in {s["base_rate"]:.0%} → {s["erased_rate"]:.0%} of the images of '
-            f'prompts naming it{kept}; other {s["kind"]}s: {others}')
+            f'prompts naming it, their {other} kept in {s[f"kept_{other}"]:.0%}; other {s["kind"]}s: {others}; '
+            f'{other}s on prompts not naming it: {across}; largest drop {100 * s["max_other_drop"]:.0f} points')
   print(f'Report: {workdir / "report.json"}; grid: {grid}')
   return report

@@ -67,6 +67,14 @@ WORDS = ('a', 'shape', *COLOUR_NAMES, *SHAPES)
 # The evaluation prompts, shape-major: PROMPTS[4 * shape_id + colour_id].
 PROMPTS = tuple(f'a {colour} {shape}' for shape in SHAPES for colour in COLOUR_NAMES)
 
+# Shape membership in doubled coordinates relative to the box centre (module docstring), u already |u|: integer
+# arrays for the exact pixel rule, or floats for callers that draw distorted shapes (unrecognisable.py).
+SHAPE_TESTS = (
+    lambda u, v, s: u * u <= s * s - v * v,  # circle
+    lambda u, v, s: (u < s) & (np.abs(v) < s),  # square
+    lambda u, v, s: (np.abs(v) < s) & (2 * u <= v + s),  # triangle (2|u| ≤ v + s implies |u| < s)
+    lambda u, v, s: (u < s) & (np.abs(v) < s) & ((3 * u <= s) | (3 * np.abs(v) <= s)),  # cross
+)
 _PALETTE = np.array(list(COLOURS.values()), np.uint8)
 _CAPTION_P = np.array([p for _, p in CAPTIONS])
 
@@ -92,18 +100,11 @@ def masks(shape_ids, sizes, positions, *, size: int = SIZE) -> np.ndarray:
   s = sizes[:, None, None]
   u = np.abs(2 * (grid[None, None, :] - positions[:, 1, None, None]) + 1 - s)  # (N, 1, W)
   v = 2 * (grid[None, :, None] - positions[:, 0, None, None]) + 1 - s  # (N, H, 1)
-  # Each test broadcasts a row term against a column term, so the only (N, H, W) work is one comparison.
-  box = (u < s) & (np.abs(v) < s)
-  out = np.empty(box.shape, bool)
-  tests = (
-      lambda i: u[i] * u[i] <= s[i] * s[i] - v[i] * v[i],  # circle
-      lambda i: box[i],  # square
-      lambda i: box[i] & (2 * u[i] <= v[i] + s[i]),  # triangle
-      lambda i: box[i] & ((3 * u[i] <= s[i]) | (3 * np.abs(v[i]) <= s[i])),  # cross
-  )
-  for k, test in enumerate(tests):
+  # Each test broadcasts a row term against a column term, so the only (N, H, W) work is a few comparisons.
+  out = np.empty((len(shape_ids), size, size), bool)
+  for k, test in enumerate(SHAPE_TESTS):
     index = np.flatnonzero(shape_ids == k)
-    out[index] = test(index)
+    out[index] = test(u[index], v[index], s[index])
   return out
 
 
@@ -148,6 +149,18 @@ def sample(rng: np.random.Generator | int, n: int):
   shape_ids, colour_ids, sizes, positions = sample_layout(rng, n)
   images = draw(shape_ids, colour_ids, sizes, positions)
   return images, shape_ids, colour_ids, captions(rng, shape_ids, colour_ids)
+
+
+def retain_prompts(concepts) -> list[str]:
+  """The world's prompts that name none of `concepts` (each one shape or one colour of the world): the single words
+  and the "a {colour} {shape}" prompts an erasure of those concepts should leave as they are."""
+  named = [parse(c) for c in concepts]
+  if any((shape is None) == (colour is None) for shape, colour in named):
+    raise ValueError(f'{list(concepts)}: the shapes world knows which prompts to keep only for concepts that are one '
+                     f'of its shapes or colours, {SHAPES + COLOUR_NAMES}.')
+  erased = {w for shape, colour in named for w in (SHAPES[shape] if shape is not None else COLOUR_NAMES[colour],)}
+  words = [w for w in SHAPES + COLOUR_NAMES if w not in erased]
+  return words + [p for p in PROMPTS if not erased & set(p.split())]
 
 
 def parse(prompt: str) -> tuple[int | None, int | None]:

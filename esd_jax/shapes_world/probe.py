@@ -1,0 +1,68 @@
+"""Erase-until on the shapes world: the probe that tells a run when its concept is gone and the rest still there.
+
+Every `probe.every` iterations the run (train.Probe) hands the trained tensors here; the model with them laid over
+the base draws the world's 16 "a {colour} {shape}" prompts from a few seeds of its own (1000…, never the
+evaluation's 0…n-1), in one jitted batch, and the classifier says what each image shows. The numbers are those of
+the report (measure.erasure_summary) against the original model's images from the same noise, drawn once:
+
+  shown       the share of the erased concept's prompts whose images still show it (the worst concept's)
+  worst_drop  the largest drop of any other shape's or colour's accuracy, in points (share) of its prompts
+              (shape_drop and colour_drop: the largest of each kind)
+
+The criteria hold when shown ≤ max_shown and worst_drop ≤ max_drop. The best checkpoint is the one with the lowest
+shown + max(worst_drop, 0): a point of the concept left weighs as much as a point of another concept lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from esd_jax.generate import text_to_image_models
+from esd_jax.pipeline import StableDiffusion
+from esd_jax.shapes_world import measure, world
+from esd_jax.train import Probe, Reading
+
+FIRST_SEED = 1000  # probe seeds are FIRST_SEED…: none is an evaluation seed
+
+
+@dataclasses.dataclass
+class ShapesProbe:
+  pipe: StableDiffusion
+  judge: object
+  concepts: Sequence[str]
+  settings: ml_collections.ConfigDict
+  original: dict = dataclasses.field(init=False)
+
+  def __post_init__(self):
+    self.original = self._report({})
+
+  def _report(self, overlay: dict[str, jax.Array]) -> dict[str, dict]:
+    seeds = range(FIRST_SEED, FIRST_SEED + self.settings.seeds)
+    images = text_to_image_models(self.pipe, [overlay], world.PROMPTS, seeds, num_inference_steps=self.settings.steps,
+                                  guidance_scale=self.settings.guidance_scale)[0]
+    return measure.score(self.judge, world.PROMPTS, np.swapaxes(images, 0, 1))  # (prompts, seeds, …)
+
+  def __call__(self, trained: dict[str, jax.Array]) -> Reading:
+    report = self._report(trained)
+    summaries = [measure.erasure_summary(self.original, report, c) for c in self.concepts]
+    shown = max(s['erased_rate'] for s in summaries)
+    worst_drop = max(s['max_other_drop'] for s in summaries)
+    drops = {f'{kind}_drop': max(s[f'worst_other_{kind}']['drop'] for s in summaries) for kind in ('shape', 'colour')}
+    return Reading({'shown': shown, 'worst_drop': worst_drop, **drops},
+                   met=shown <= self.settings.max_shown and worst_drop <= self.settings.max_drop,
+                   score=shown + max(worst_drop, 0.0))
+
+
+def shapes_probe(judge, concepts: Sequence[str], settings: ml_collections.ConfigDict):
+  """train.run_erasure's `probe`: given the loaded pipeline, the Probe of `concepts` (each one world concept)."""
+  for concept in concepts:
+    shape, colour = world.parse(concept)
+    if (shape is None) == (colour is None):
+      raise ValueError(f'probe: {concept!r} is not one shape or one colour of the shapes world; the shapes probe '
+                       f'measures erasing one of {world.SHAPES + world.COLOUR_NAMES}.')
+  return lambda pipe: Probe(settings.every, ShapesProbe(pipe, judge, list(concepts), settings))
