@@ -13,7 +13,7 @@ from esd_jax.validate import ConfigError, check
 
 USER_COMMANDS = ('erase', 'generate', 'export', 'compare', 'evaluate', 'dry_run', 'serve')
 CONFIGS = ('default', 'sd14_esd_x', 'sd14_esd_u', 'sd14_diffusers_v1', 'sd14_diffusers_v2', 'shapes_colour',
-           'shapes_colour:blue', 'shapes_four_models')
+           'shapes_colour:blue', 'shapes_four_models', 'any_concept')
 
 
 def load(name: str) -> ml_collections.ConfigDict:
