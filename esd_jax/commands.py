@@ -160,8 +160,8 @@ def _probe(config: ml_collections.ConfigDict):
   from esd_jax.shapes_world.probe import shapes_probe
   from esd_jax.train import concept_list
   try:
-    return shapes_probe(measure.load_judge(config.evaluate.classifier),
-                        [c.prompt for c in concept_list(config.erase)], config.probe)
+    concepts = list(dict.fromkeys(c.prompt for c in concept_list(config.erase)))  # "red" from 4 prompts: once
+    return shapes_probe(measure.load_judge(config.evaluate.classifier), concepts, config.probe)
   except ValueError as e:
     raise validate.ConfigError(str(e)) from e
 
