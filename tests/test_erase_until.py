@@ -117,7 +117,7 @@ def test_erase_until_on_the_shapes_world(tmp_path):
   config = get_config()
   config.workdir = str(tmp_path)
   config.train.iterations = 300
-  config.probe.update({'every': 50, 'seeds': 2, 'steps': 10, 'max_shown': 0.125, 'max_drop': 1.0})
+  config.probe.update({'every': 50, 'seeds': 2, 'steps': 25, 'max_shown': 0.125, 'max_drop': 1.0})
   result = run_erasure(config, probe=shapes_probe(load_judge(), ['circle'], config.probe), progress=False)
   probes, steps = _probes(tmp_path)
   assert [p['step'] for p in probes] == list(range(50, steps[-1] + 1, 50)) and probes[0]['shown'] > 0.5
@@ -129,3 +129,8 @@ def test_erase_until_on_the_shapes_world(tmp_path):
   saved = load_file(tmp_path / 'probe' / 'best.safetensors')
   assert result.trained.keys() == saved.keys() and all(np.array_equal(result.trained[k], saved[k]) for k in saved)
   assert plots.training_curves(tmp_path / 'metrics.jsonl', tmp_path / 'training.png').stat().st_size > 0
+  # A probe too coarse to see the original draw the world (2 DDIM steps: blobs) is refused, not met vacuously.
+  coarse = config.probe.copy_and_resolve_references()
+  coarse.steps = 2
+  with pytest.raises(RunError, match='raise --config.probe.steps'):
+    shapes_probe(load_judge(), ['circle'], coarse)(result.pipe)

@@ -22,12 +22,14 @@ import jax
 import ml_collections
 import numpy as np
 
+from esd_jax.errors import RunError
 from esd_jax.generate import text_to_image_models
 from esd_jax.pipeline import StableDiffusion
 from esd_jax.shapes_world import measure, world
 from esd_jax.train import Probe, Reading
 
 FIRST_SEED = 1000  # probe seeds are FIRST_SEED…: none is an evaluation seed
+MIN_ORIGINAL = 0.9  # the original model's shape and colour accuracy the probe must see
 
 
 @dataclasses.dataclass
@@ -40,6 +42,14 @@ class ShapesProbe:
 
   def __post_init__(self):
     self.original = self._report({})
+    # With too few sampler steps every image is a blob: erased and original alike show nothing, and the criteria
+    # would hold from the first reading. The probe must first see the original model draw the world.
+    seen = {key: measure.mean_rate(self.original, key, world.PROMPTS) for key in ('shape', 'colour')}
+    if min(seen.values()) < MIN_ORIGINAL:
+      raise RunError(f'The probe sees the original model draw the prompted shape in {seen["shape"]:.0%} and colour in '
+                     f'{seen["colour"]:.0%} of its images ({self.settings.seeds} seeds × {self.settings.steps} DDIM '
+                     f'steps); it needs {MIN_ORIGINAL:.0%} of both to tell an erasure from noise: raise '
+                     '--config.probe.steps (25 by default) or --config.probe.seeds.')
 
   def _report(self, overlay: dict[str, jax.Array]) -> dict[str, dict]:
     seeds = range(FIRST_SEED, FIRST_SEED + self.settings.seeds)
