@@ -112,7 +112,8 @@ def erase(config: ml_collections.ConfigDict, *, progress: bool = True, stop: thr
     concepts = list(dict.fromkeys(c.prompt for c in result.concepts))  # "red" erased from several prompts: once
     measured = [('erased', result.trained, concepts)]
   if main:
-    print(f'Training curves: {plots.training_curves(Path(config.workdir) / "metrics.jsonl", Path(config.workdir) / "training.png")}')
+    workdir = Path(config.workdir)
+    print(f'Training curves: {plots.training_curves(workdir / "metrics.jsonl", workdir / "training.png")}')
   distributed.barrier('erase: exported')
   if config.evaluate.classifier:  # every process samples its local copies alike; process 0 writes the report
     from esd_jax.shapes_world import measure

@@ -58,8 +58,8 @@ def abstract_setup(config: ml_collections.ConfigDict, plan: train.Plan) -> train
   unet = build_abstract(unet_config)
   attention.use(unet, config.attention)
   return train.make_setup(config, train.run_mesh(config, plan), unet,
-                          abstract_prompts(unet_config, component('text_encoder'), plan.concepts, len(plan.retain)), SCHEDULER,
-                          (h, w, unet_config['in_channels']), abstract=True)
+                          abstract_prompts(unet_config, component('text_encoder'), plan.concepts, len(plan.retain)),
+                          SCHEDULER, (h, w, unet_config['in_channels']), abstract=True)
 
 
 def collective_bytes(hlo_text: str) -> dict[str, int]:

@@ -105,7 +105,7 @@ class Draws(NamedTuple):
 
 
 def draw(key: jax.Array, objective: Objective, scheduler, *, batch: int, latent_shape: tuple[int, int, int],
-         num_concepts: int, per_step: int = 1, num_retain: int = 1) -> Draws:
+         num_concepts: int, per_step: int = 1, num_retain: int = 0) -> Draws:
   """Draws as the convention's code draws them (docs/method.md §4): one step and one concept per iteration.
 
   With per_step = B > 1, B independent draws stacked on a leading axis, for B different concepts (while
@@ -211,7 +211,7 @@ def esd_loss(trained: Params, frozen: Params, layout: ParamLayout, objective: Ob
   concept = _pick(prompts.concept, draws.concept, batch)
   student_prompt = concept if prompts.student is None else _pick(prompts.student, draws.concept, batch)
   # With a retain prompt r, every model call below also takes (x_r, r) in the same batch.
-  sampled = [student_prompt] if prompts.retain is None else [student_prompt, _pick(prompts.retain, draws.retain, batch)]
+  sampled = [student_prompt] + ([] if prompts.retain is None else [_pick(prompts.retain, draws.retain, batch)])
 
   # paper and diffusers-v1 sample with the model being trained (no gradient through sampling), v2 with θ*.
   if objective.convention == 'diffusers-v2':

@@ -137,6 +137,16 @@ def _initial_latents(pipe: StableDiffusion, sched, n: int, seed: int, height: in
   return key, jax.random.normal(noise_key, shape, jnp.float32) * sched.init_noise_sigma
 
 
+def _guidance_pair(pipe: StableDiffusion, prompts: list[str], negative_prompt: str | None, height: int | None,
+                   width: int | None) -> tuple[Conditioning, Conditioning]:
+  """(cond, uncond) of classifier-free guidance: the prompts and, per prompt, the negative prompt (None: SDXL's
+  zero embeddings; SD: the empty prompt)."""
+  cond = encode_prompts(pipe, prompts, height=height, width=width)
+  uncond = encode_prompts(pipe, [negative_prompt or ''] * len(prompts), height=height, width=width,
+                          zeros=negative_prompt is None and pipe.is_sdxl)
+  return cond, uncond
+
+
 def text_to_image(pipe: StableDiffusion, prompts: Sequence[str], *, negative_prompt: str | None = '',
                   guidance_scale: float = 7.5, num_inference_steps: int = 50, seed: int = 0,
                   height: int | None = None, width: int | None = None, latents: jax.Array | None = None,
@@ -154,9 +164,7 @@ def text_to_image(pipe: StableDiffusion, prompts: Sequence[str], *, negative_pro
   sched = make_scheduler(pipe.scheduler_config, scheduler)
   key, noise = _initial_latents(pipe, sched, len(prompts), seed, height, width)
   latents = noise if latents is None else latents
-  cond = encode_prompts(pipe, prompts, height=height, width=width)
-  uncond = encode_prompts(pipe, [negative_prompt or ''] * len(prompts), height=height, width=width,
-                          zeros=negative_prompt is None and pipe.is_sdxl)
+  cond, uncond = _guidance_pair(pipe, prompts, negative_prompt, height, width)
   unet_def, unet_params = nnx.split(pipe.unet)
   vae_def, vae_params = nnx.split(pipe.vae)
   return _sample(unet_def, unet_params, vae_def, vae_params, sched, num_inference_steps,
@@ -187,9 +195,7 @@ def text_to_image_models(pipe: StableDiffusion, overlays: Sequence[Mapping[str, 
   shared = {k: v for k, v in params.items() if k not in stacked}
   sched = make_scheduler(pipe.scheduler_config, scheduler)
   keys, latents = zip(*(_initial_latents(pipe, sched, len(prompts), s, height, width) for s in seeds))
-  cond = encode_prompts(pipe, prompts, height=height, width=width)
-  uncond = encode_prompts(pipe, [negative_prompt or ''] * len(prompts), height=height, width=width,
-                          zeros=negative_prompt is None and pipe.is_sdxl)
+  cond, uncond = _guidance_pair(pipe, prompts, negative_prompt, height, width)
   vae_def, vae_params = nnx.split(pipe.vae)
   images = _sample_models(layout, shared, stacked, vae_def, vae_params, sched, num_inference_steps, len(overlays),
                           jnp.stack(latents), cond, uncond, jnp.float32(guidance_scale), jnp.float32(eta),

@@ -37,7 +37,7 @@ from esd_jax.generate import encode_prompts, latent_size
 from esd_jax.loading import load_model
 from esd_jax.log import log
 from esd_jax.metrics import MetricsLog
-from esd_jax.models.state_dict import held, split_flat, stored_tensors
+from esd_jax.models.state_dict import split_flat, stored_tensors
 from esd_jax.pipeline import StableDiffusion
 from esd_jax.tokenizer import warn_if_cut
 from esd_jax.workdir import lock_workdir
@@ -406,7 +406,8 @@ class Probe:
 
 class _Best:
   """The best-scored measurement of a run and its trained tensors, kept in workdir/probe (best.json and
-  best.safetensors, stored layout), so that a resumed run knows it; `met` once a measurement met the criteria."""
+  best.safetensors, stored layout), so that a resumed run knows it; `met` once a measurement met the criteria.
+  Every process keeps the same record (each measured alike), so all take the same branches and collectives."""
 
   def __init__(self, folder: Path):
     self.folder = folder
@@ -417,18 +418,21 @@ class _Best:
     return bool(self.record and self.record['met'])
 
   def offer(self, step: int, reading: Reading, trained: dict[str, jax.Array]) -> None:
-    if self.record is not None and (self.met or reading.score >= self.record['score']) and not reading.met:
+    """Keeps the reading if it is the first, meets the criteria (the run stops there) or scores better."""
+    if not (self.record is None or reading.met or reading.score < self.record['score']):
       return
     tensors = distributed.gather(stored_tensors(trained))  # every process takes part; process 0 writes
+    self.record = {'step': step, 'score': reading.score, 'met': reading.met, **reading.numbers}
     if distributed.is_main():
       self.folder.mkdir(parents=True, exist_ok=True)
       write_safetensors(self.folder / 'best.safetensors', tensors)
-      self.record = {'step': step, 'score': reading.score, 'met': reading.met, **reading.numbers}
       write_json(self.folder / 'best.json', self.record)
 
   def trained(self) -> dict[str, np.ndarray]:
+    """The best model's trained tensors, stored layout."""
+    distributed.barrier('probe: best written')  # process 0 wrote them
     with SafetensorsReader(self.folder / 'best.safetensors') as tensors:
-      return {k: held(np.asarray(v())) for k, v in tensors.items()}
+      return {k: np.asarray(v()) for k, v in tensors.items()}
 
 
 def _measure(probe: Probe, best: _Best, state, step: int, metrics: MetricsLog) -> bool:
@@ -523,8 +527,10 @@ def run_erasure(config: ml_collections.ConfigDict, pipe: StableDiffusion | None 
     finally:
       metrics.close()
       checkpoints.close()
-  trained = stored_tensors(best.trained() if watch else state.trained, stacked=int(plan.separate))
-  probed = {'probe': best.record} if watch else {}  # the measurement the exported model is
+  # A probed run returns the model it measured best (none measured: a run already complete when the probe came).
+  measured = watch is not None and best.record is not None
+  trained = best.trained() if measured else stored_tensors(state.trained, stacked=int(plan.separate))
+  probed = {'probe': best.record} if measured else {}  # the measurement the exported model is
   return Erased(trained=trained, workdir=workdir, pipe=pipe, concepts=plan.concepts, groups=plan.groups,
                 learning_rates=plan.learning_rates, iterations=plan.iterations, failed=failed,
                 metadata={**metadata, 'iterations': plan.total, **probed},

@@ -199,8 +199,7 @@ def measure_erasure(workdir: Path, judge_model: judge.ShapesClassifier, prompts:
   models = {'original': original, **{name: model for name, (model, _) in erased.items()}}
   generated = {name: generate_jax(model, prompts, seeds, sampling, desc=name) for name, model in models.items()}
   reports = {name: score(judge_model, prompts, batch) for name, batch in generated.items()}
-  in_world = lambda c: (world.parse(c)[0] is None) != (world.parse(c)[1] is None)  # one shape or one colour
-  summaries = {name: [erasure_summary(reports['original'], reports[name], c) for c in concepts if in_world(c)]
+  summaries = {name: [erasure_summary(reports['original'], reports[name], c) for c in concepts if world.is_concept(c)]
                for name, (_, concepts) in erased.items()}
   report = {
       **run, 'images_per_prompt': len(seeds),

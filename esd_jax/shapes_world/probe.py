@@ -71,8 +71,7 @@ class ShapesProbe:
 def shapes_probe(judge, concepts: Sequence[str], settings: ml_collections.ConfigDict):
   """train.run_erasure's `probe`: given the loaded pipeline, the Probe of `concepts` (each one world concept)."""
   for concept in concepts:
-    shape, colour = world.parse(concept)
-    if (shape is None) == (colour is None):
+    if not world.is_concept(concept):
       raise ValueError(f'probe: {concept!r} is not one shape or one colour of the shapes world; the shapes probe '
                        f'measures erasing one of {world.SHAPES + world.COLOUR_NAMES}.')
   return lambda pipe: Probe(settings.every, ShapesProbe(pipe, judge, list(concepts), settings))

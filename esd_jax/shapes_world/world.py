@@ -154,13 +154,19 @@ def sample(rng: np.random.Generator | int, n: int):
 def retain_prompts(concepts) -> list[str]:
   """The world's prompts that name none of `concepts` (each one shape or one colour of the world): the single words
   and the "a {colour} {shape}" prompts an erasure of those concepts should leave as they are."""
-  named = [parse(c) for c in concepts]
-  if any((shape is None) == (colour is None) for shape, colour in named):
+  if not all(map(is_concept, concepts)):
     raise ValueError(f'{list(concepts)}: the shapes world knows which prompts to keep only for concepts that are one '
                      f'of its shapes or colours, {SHAPES + COLOUR_NAMES}.')
-  erased = {w for shape, colour in named for w in (SHAPES[shape] if shape is not None else COLOUR_NAMES[colour],)}
+  named = [parse(c) for c in concepts]
+  erased = {SHAPES[shape] if shape is not None else COLOUR_NAMES[colour] for shape, colour in named}
   words = [w for w in SHAPES + COLOUR_NAMES if w not in erased]
   return words + [p for p in PROMPTS if not erased & set(p.split())]
+
+
+def is_concept(prompt: str) -> bool:
+  """Whether `prompt` names exactly one concept of the world: a shape or a colour, not both, not neither."""
+  shape, colour = parse(prompt)
+  return (shape is None) != (colour is None)
 
 
 def parse(prompt: str) -> tuple[int | None, int | None]:
