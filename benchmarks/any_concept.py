@@ -6,10 +6,12 @@ concept (and the training seed) changed, and measure each erased model against t
     python benchmarks/any_concept.py --config configs/default.py --set train.iterations=200   # plain ESD, compared
 
 Each run is `main.py erase --config=CONFIG --config.erase.concepts="('CONCEPT',)" --config.train.seed=SEED` in its own
-workdir under --out (a run already measured there is read, not run again: an interrupted sweep resumes). Printed,
-one row per run and a verdict per concept against the issue's criteria: the concept shown in ≤ 5 % of the images of
-prompts naming it; every other shape's and colour's accuracy within 3 points of the original model's (the honest
-judge: an image judged "none" keeps nothing); iterations used (the probe's stop, or train.iterations), wall time.
+workdir under --out; the original model's images are generated once (--out/original), and a run already measured
+is read, not run again: an interrupted sweep resumes. Printed, one row per run and a verdict against the issue's
+criteria: the concept shown in ≤ 5 % of the images of prompts naming it; every other shape's and colour's accuracy
+within 3 points of the original model's (the honest judge: an image judged "none" keeps nothing); what those
+prompts' images keep of the other kind (a shape erasure: their colour; a colour erasure: their shape), not a
+criterion; iterations used (the probe's stop or best, else train.iterations), wall time.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def run(config: Path, concept: str, seed: int, workdir: Path, eval_seeds: int, o
     result = subprocess.run(
         [sys.executable, str(ROOT / 'main.py'), 'erase', f'--config={config}', f'--config.workdir={workdir}',
          f'--config.erase.concepts=({concept!r},)', f'--config.train.seed={seed}',
-         f'--config.evaluate.seeds={eval_seeds}', "--config.export.formats=('trained',)",
+         f'--config.evaluate.seeds={eval_seeds}', f'--config.evaluate.original_cache={workdir.parent / "original"}',
+         "--config.export.formats=('trained',)",
          *[f'--config.{o}' for o in overrides]], capture_output=True, text=True)
     if result.returncode:
       return {'error': result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'failed'}
@@ -45,7 +48,7 @@ def run(config: Path, concept: str, seed: int, workdir: Path, eval_seeds: int, o
   wall = workdir / 'wall_seconds.txt'
   return {'concept': concept, 'seed': seed, 'base': summary['base_rate'], 'shown': summary['erased_rate'],
           'worst_shape': summary['worst_other_shape'], 'worst_colour': summary['worst_other_colour'],
-          'iterations': iterations, 'seconds': float(wall.read_text()) if wall.is_file() else None,
+          'kept': summary['kept_colour' if summary['kind'] == 'shape' else 'kept_shape'], 'iterations': iterations, 'seconds': float(wall.read_text()) if wall.is_file() else None,
           'ok': summary['erased_rate'] <= MAX_SHOWN and summary['max_other_drop'] <= MAX_DROP}
 
 
@@ -62,8 +65,8 @@ def main():
   drop = lambda w: f'{w["name"]} {100 * w["drop"]:.1f}' if w['name'] else '—'  # negative: gained
   print(f'config {args.config.name} {" ".join(args.set)}; {args.eval_seeds} images per prompt\n')
   print('| concept | seed | shown (original → erased) | worst other shape (points lost) | worst other colour '
-        '(points lost) | iterations | minutes | criteria |')
-  print('|---|---:|---|---|---|---:|---:|---|', flush=True)
+        '(points lost) | kept | iterations | minutes | criteria |')
+  print('|---|---:|---|---|---|---:|---:|---:|---|', flush=True)
   rows = []
   for concept in args.concepts:
     for seed in args.seeds:
@@ -74,7 +77,7 @@ def main():
         continue
       minutes = f'{r["seconds"] / 60:.1f}' if r['seconds'] else '—'
       print(f'| {concept} | {seed} | {r["base"]:.0%} → {r["shown"]:.1%} | {drop(r["worst_shape"])} | '
-            f'{drop(r["worst_colour"])} | {r["iterations"]} | {minutes} | {"met" if r["ok"] else "not met"} |',
+            f'{drop(r["worst_colour"])} | {r["kept"]:.0%} | {r["iterations"]} | {minutes} | {"met" if r["ok"] else "not met"} |',
             flush=True)
   done = [r for r in rows if 'error' not in r]
   print(f'\ncriteria met in {sum(r["ok"] for r in done)} of {len(done)} runs')

@@ -27,13 +27,22 @@ def get_config() -> ml_collections.ConfigDict:
   # below, which the shapes-world recipe search chose (README); configs/sd14_*.py hold the paper's own.
   config.erase = ml_collections.ConfigDict()
   config.erase.concepts = ('circle',)  # one is drawn per iteration
-  config.erase.erase_from = ''  # erase the concepts only from this prompt; '' for none (per concept: a concepts file)
+  # Erase the concepts only from this prompt; '' for none (per concept: a concepts file); 'auto' on the shapes world:
+  # each concept from every "a {colour} {shape}" prompt that names it.
+  config.erase.erase_from = ''
   config.erase.concepts_file = ''  # text/CSV/JSON file of concepts (esd_jax/concepts.py), instead of the two above
   # Prompts the erasure must not change, each iteration one of them through a retain loss (docs/method.md §5): the
   # student's prediction on it kept to the frozen model's, weight preserve_weight. () for plain ESD; 'auto' on the
   # shapes world: its prompts that name none of the erased concepts.
   config.erase.preserve = ()
   config.erase.preserve_weight = 1.0
+  # Robust erasure (AdvUnlearn, docs/method.md §9): each iteration first searches adversarial_steps Adam steps (rate
+  # adversarial_learning_rate) for the perturbation of the concept prompt's word embeddings that best brings the
+  # concept back under the model being trained, then trains on the perturbed prompt. 0 steps: plain ESD. One model,
+  # SD 1.x/2.x; pair it with `preserve` (AdvUnlearn's utility term).
+  config.erase.adversarial = False
+  config.erase.adversarial_steps = 5
+  config.erase.adversarial_learning_rate = 0.05
   config.erase.separate_models = False  # True: one erased model per concept, trained together (batched)
   config.erase.method = 'esd-u'  # esd-x | esd-u | esd-x-strict | esd-self | esd-all | notime | xlayer |
   #                                selflayer (CompVis aliases xattn, noxattn, selfattn, full) | patterns
@@ -114,7 +123,40 @@ def get_config() -> ml_collections.ConfigDict:
   config.evaluate.guidance_scale = 7.5
   config.evaluate.batch_size = 256
   config.evaluate.grid_seeds = 4  # seeds per model shown in the grid
+  # `erase` only: a folder that keeps the original model's images (named by a fingerprint of its weights, prompts,
+  # seeds and sampling), so a sweep of erasures of one model generates them once; '' for none.
+  config.evaluate.original_cache = ''
   config.evaluate.backend = 'jax'  # `evaluate` only: jax | diffusers (PyTorch, a diffusers folder as it is)
+
+  # `attack` (README "Is it really erased?", docs/method.md §9): searches, white-box, for prompts that bring each
+  # erased model's concept back (UnlearnDiffAtk: `tokens` adversarial tokens after the start token, their embeddings
+  # moved by Adam for `steps` steps at `learning_rate` toward `objective`, then projected to the nearest vocabulary
+  # tokens), one attack per prompt × seed, all models in one search; the original model is attacked beside them.
+  # Writes workdir/attack/report.json and grid.png.
+  config.attack = ml_collections.ConfigDict()
+  config.attack.weights = ()  # ESD weights files attacked together; () = this workdir's erasure
+  config.attack.concepts = ()  # each weights file's concept; () = the one its metadata names
+  config.attack.prompts = ()  # prompts attacked; () = the shapes world's prompts naming the concept
+  config.attack.seeds = 8  # attacks per prompt, from evaluate's seeds 0…n-1
+  config.attack.steps = 20
+  config.attack.tokens = 3
+  config.attack.learning_rate = 0.05
+  # What the search lowers: 'classifier' (the judge's −log p(concept) on the attacked model's own images, drawn with
+  # search_steps DDIM steps and differentiated through sampler and VAE; needs attack.classifier) | 'denoise'
+  # (UnlearnDiffAtk's: the attacked model's denoising loss on the original model's image; any model)
+  config.attack.objective = 'classifier'
+  config.attack.search_steps = 5
+  config.attack.seed = 0  # the search's random draws (initial tokens, timesteps, noise)
+  config.attack.sample_steps = 50  # DDIM steps of every image drawn (targets, attacks, probes)
+  config.attack.guidance_scale = 7.5
+  config.attack.classifier = 'shapes-world'  # judges the images (success, probes); '' = search and grid only
+  # The probes of shallow erasure (need the classifier): the original model's trajectory handed to the erased model
+  # at these DDIM steps, the erased model under these guidance scales, and the concept in other prompt forms
+  # (() = shallow.default_forms).
+  config.attack.handoff = (0, 10, 20, 30, 40)
+  config.attack.guidance = (7.5, 15.0, 30.0)
+  config.attack.forms = ()
+  config.attack.grid_seeds = 2  # seeds per prompt shown in grid.png
 
   # Erase until (README "Erasing any concept"): every probe.every iterations (0: never) the run measures its model on
   # a small probe and stops once the erased concept is shown in ≤ max_shown of the probe's images with no other

@@ -89,7 +89,7 @@ def erase(config: ml_collections.ConfigDict, *, progress: bool = True, stop: thr
   from convert.erased import erased_pipeline, write_erased, write_erased_models
   from esd_jax.train import run_erasure
 
-  config = _with_retain(config)
+  config = with_world_prompts(config)
   result = run_erasure(config, progress=progress, stop=stop, on_iteration=on_iteration, probe=_probe(config))
   # With several processes every one gathers the whole model (a collective); process 0 writes, the others wait.
   result = dataclasses.replace(result, pipe=distributed.local_pipeline(result.pipe),
@@ -123,28 +123,45 @@ def erase(config: ml_collections.ConfigDict, *, progress: bool = True, stop: thr
     measure.measure_erasure(
         Path(config.workdir), measure.load_judge(evaluation.classifier), list(evaluation.prompts),
         list(range(evaluation.seeds)), _measure_sampling(evaluation), result.pipe, erased,
-        grid_seeds=evaluation.grid_seeds, run={
+        grid_seeds=evaluation.grid_seeds, original_cache=evaluation.original_cache, run={
             'model': str(config.model), 'method': config.erase.method, 'convention': config.erase.convention,
             'negative_guidance': config.erase.negative_guidance, 'iterations': config.train.iterations,
             'learning_rate': config.train.learning_rate, 'seconds': result.seconds})
   return result
 
 
-def _with_retain(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """config with erase.preserve='auto' made the list it stands for: the shapes world's prompts that name none of
-  the erased concepts (world.retain_prompts)."""
-  if config.erase.preserve != 'auto':
+def with_world_prompts(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config with the shapes world's 'auto' fields made the lists they stand for: erase.preserve='auto', the world's
+  prompts that name none of the erased concepts (world.retain_prompts); erase.erase_from='auto', each concept erased
+  from every "a {colour} {shape}" prompt naming it (world.naming: one concept line per prompt, as
+  configs/shapes_colour.py lists them)."""
+  erase = config.erase
+  if erase.preserve != 'auto' and erase.erase_from != 'auto':
     return config
   from esd_jax.shapes_world import world
-  from esd_jax.train import concept_list
-  try:
-    prompts = world.retain_prompts([c.prompt for c in concept_list(config.erase)])
-  except ValueError as e:
-    raise validate.ConfigError(f'--config.erase.preserve=auto: {e} For another model, list the prompts to '
-                               'preserve: --config.erase.preserve="(\'a dog\', \'a house\')".') from e
   config = config.copy_and_resolve_references()
-  with config.ignore_type():
-    config.erase.preserve = tuple(prompts)
+  if erase.erase_from == 'auto':
+    if erase.concepts_file:
+      raise validate.ConfigError("--config.erase.erase_from=auto names the shapes world's prompts for erase.concepts; "
+                                 'a concepts file gives each line its own erase_from: set it there, or leave '
+                                 "--config.erase.erase_from=''.")
+    concepts = [erase.concepts] if isinstance(erase.concepts, str) else list(erase.concepts)
+    try:
+      lines = [(c, prompt) for c in concepts for prompt in world.naming(c)]
+    except ValueError as e:
+      raise validate.ConfigError(f'--config.erase.erase_from=auto: {e} For another model, give the prompt to erase '
+                                 'it from, or none: --config.erase.erase_from=\'\'.') from e
+    with config.ignore_type():
+      config.erase.concepts, config.erase.erase_from = (tuple(x) for x in zip(*lines))
+  if erase.preserve == 'auto':
+    from esd_jax.train import concept_list
+    try:
+      prompts = world.retain_prompts([c.prompt for c in concept_list(config.erase)])
+    except ValueError as e:
+      raise validate.ConfigError(f'--config.erase.preserve=auto: {e} For another model, list the prompts to '
+                                 'preserve: --config.erase.preserve="(\'a dog\', \'a house\')".') from e
+    with config.ignore_type():
+      config.erase.preserve = tuple(prompts)
   return config
 
 
@@ -240,20 +257,21 @@ def export(config: ml_collections.ConfigDict) -> dict:
   return paths
 
 
+def weights_overlay(pipe, weights: Mapping) -> dict:
+  """ESD weights as an overlay of `pipe`'s UNet parameters: the tensors they change, held layout (checked against
+  the base)."""
+  from convert.erased import erased_pipeline
+  from esd_jax.models.state_dict import split_flat
+
+  held = split_flat(erased_pipeline(pipe, weights).unet)[1]
+  return {k: held[k] for k in weights}
+
+
 def compare_images(pipe, models: Mapping[str, Mapping | None], settings: ml_collections.ConfigDict) -> np.ndarray:
   """Images (models, seeds, prompts, H, W, 3) of `pipe` with each model's ESD weights laid over it (None: the
   original), for settings.prompts × settings.seeds (a generate section), all in one jitted batch; seed s gives
   every model the noise `generate` draws for it."""
-  from convert.erased import erased_pipeline
-  from esd_jax.models.state_dict import split_flat
-
-  overlays = []
-  for weights in models.values():
-    if weights is None:
-      overlays.append({})
-      continue
-    held = split_flat(erased_pipeline(pipe, weights).unet)[1]  # checked against the base, in the held layout
-    overlays.append({k: held[k] for k in weights})
+  overlays = [{} if weights is None else weights_overlay(pipe, weights) for weights in models.values()]
   warn_if_cut(pipe.tokenizer, list(settings.prompts))
   return text_to_image_models(pipe, overlays, list(settings.prompts), list(settings.seeds), **_sampling(settings))
 
@@ -277,6 +295,87 @@ def compare(config: ml_collections.ConfigDict) -> Path:
                       list(settings.prompts), list(settings.seeds))
   print(f'Original vs erased ({weights.source}): {path}')
   return path
+
+
+def attack(config: ml_collections.ConfigDict) -> dict:
+  """Searches, white-box, for prompts that bring each erased model's concept back, attacks the original model beside
+  them, and (attack.classifier set) measures the attack's success and the probes of shallow erasure: writes
+  workdir/attack/report.json and grid.png (README "Is it really erased?")."""
+  import jax
+
+  from esd_jax.attack import Budget, run_attack
+  from esd_jax.files import write_json
+  from esd_jax.shapes_world import measure, shallow
+
+  settings = config.attack
+  pipe = load_model(config)
+  models = attacked_models(config, pipe)
+  prompts = [list(settings.prompts) or shallow.concept_prompts(concept) for _, _, concept in models]
+  warn_if_cut(pipe.tokenizer, [p for model in prompts for p in model])
+  sampling = dict(steps=settings.sample_steps, guidance_scale=settings.guidance_scale)
+  budget = Budget(settings.steps, settings.tokens, settings.learning_rate, settings.objective, settings.search_steps)
+  key = jax.random.key(settings.seed)
+  if settings.classifier:
+    rows, found = shallow.attack_and_probe(measure.load_judge(settings.classifier), pipe, models, prompts,
+                                           range(settings.seeds), budget, key=key, handoff_steps=settings.handoff,
+                                           guidance=settings.guidance, forms=settings.forms, **sampling)
+  else:  # no judge: the denoise objective (validate.check refused the classifier one), prompts and grid only
+    seeds = range(settings.seeds)
+    found = run_attack(pipe, [overlay for _, overlay, _ in models], prompts, seeds, shallow.seed_noise(pipe, seeds),
+                       budget, key=key, **sampling)
+    rows = [{'name': name, 'concept': concept, 'prompts': p, 'found': found.texts[m]}
+            for m, ((name, _, concept), p) in enumerate(zip(models, prompts))]
+  names = [name for name, _, _ in models]
+  report = {'model': str(config.model),
+            'budget': {k: settings[k] for k in ('steps', 'tokens', 'learning_rate', 'objective', 'search_steps')},
+            'seeds': settings.seeds, 'sample_steps': settings.sample_steps,
+            'guidance_scale': settings.guidance_scale, 'models': rows}
+  out = Path(config.workdir) / 'attack'
+  if not distributed.is_main():
+    return report
+  write_json(out / 'report.json', report)
+  grid, labels, columns = shallow.attack_grid(found, names, settings.grid_seeds)
+  path = images.save_grid(out / 'grid.png', grid, row_labels=labels, col_labels=columns,
+                          scale=max(1, 128 // grid[0][0].shape[0]))
+  for row in rows:
+    rates = row.get('attack_success')
+    shown = '' if rates is None else ('  concept shown: prompt {prompt:.0%}, attacked {continuous:.0%} (continuous), '
+                                      '{discrete:.0%} (discrete)').format(**rates)
+    print(f'[{row["name"]}] {row["concept"]}{shown}')
+  print(f'Report: {out / "report.json"}; grid: {path}')
+  return report
+
+
+def attacked_models(config: ml_collections.ConfigDict, pipe) -> list[tuple[str, dict, str]]:
+  """(name, overlay, concept) of every model `attack` attacks: the original once per concept, then each weights
+  file of attack.weights (this workdir's erasure if none)."""
+  from convert.esd_weights import read_esd_weights
+  from esd_jax.files import parse_json
+
+  paths = list(config.attack.weights) or [Path(config.workdir) / 'erased' / 'unet_trained.safetensors']
+  concepts = list(config.attack.concepts)
+  if concepts and len(concepts) != len(paths):
+    raise validate.ConfigError(f'--config.attack.concepts names {len(concepts)} concepts for {len(paths)} weights '
+                               'files: give one per file of --config.attack.weights, or () to read each from its file.')
+  erased = []
+  for i, path in enumerate(paths):
+    if not Path(path).is_file():
+      raise FileNotFoundError(f'{path}: no ESD weights. Run `erase` with this workdir first, or list weights files '
+                              'in --config.attack.weights.')
+    weights = read_esd_weights(path)
+    if concepts:
+      concept = concepts[i]
+    else:
+      named = list(dict.fromkeys(parse_json(weights.metadata.get('esd_jax.run', '{}'), str(path)).get('concepts', [])))
+      if len(named) != 1:
+        raise validate.ConfigError(f'{path} names {named or "no"} concept(s) in its metadata; say which one to attack: '
+                                   '--config.attack.concepts="(\'circle\',)", one per weights file.')
+      concept = named[0]
+    folder = Path(path).parent  # a run's erased/ folder, or a model's folder of a batch erasure
+    name = folder.parent.name if folder.name == 'erased' else folder.name
+    erased.append((name, weights_overlay(pipe, weights), concept))
+  originals = [('original', {}, concept) for concept in dict.fromkeys(c for _, _, c in erased)]
+  return originals + erased
 
 
 def dry_run(config: ml_collections.ConfigDict) -> dict:
@@ -304,7 +403,7 @@ def plan(config: ml_collections.ConfigDict) -> dict:
   from esd_jax.cost import step_cost
   from esd_jax.files import write_json
 
-  cost = step_cost(_with_retain(config))
+  cost = step_cost(with_world_prompts(config))
   if not distributed.is_main():
     return cost
   size = lambda key: _bytes(cost['per_device_bytes'][key])
@@ -362,7 +461,7 @@ def train_world(config: ml_collections.ConfigDict) -> Path:
 
 
 COMMANDS = {'erase': erase, 'generate': generate, 'evaluate': evaluate, 'train_world': train_world,
-            'dry_run': dry_run, 'plan': plan, 'export': export, 'compare': compare}
+            'dry_run': dry_run, 'plan': plan, 'export': export, 'compare': compare, 'attack': attack}
 
 
 def run(names: str | list[str], config: ml_collections.ConfigDict) -> list:

@@ -15,6 +15,12 @@ Preservation (not in the paper; the retain loss of ESD's follow-ups such as AdvU
 retain prompts, each iteration also draws one, r, samples x_r for it from the same x_T in the same batched sampler
 run as x_t, and asks the student to predict there what the frozen model predicts, with weight λ
 (`Objective.preserve_weight`): the erasure may not move what the model draws for r.
+
+Robust erasure (not in the paper; AdvUnlearn's adversarial training, docs/method.md §9): with `Prompts.adversary`,
+each iteration first searches, for a few Adam steps, the perturbation δ of the concept prompt's word embeddings
+that best restores the concept under the current student at x_t (the student's ε_θ(x_t, c + δ) pulled toward
+ε*(x_t, c)), then trains the student on c + δ instead of c. With zero search steps δ = 0 and the step is plain
+ESD's, exactly.
 """
 
 from __future__ import annotations
@@ -78,12 +84,46 @@ class Objective:
                            'set_alpha_to_one': False}, 'ddim')
 
 
+TOKEN_EMBEDDING = 'text_model.embeddings.token_embedding.weight'  # the CLIP text encoder's word-embedding table
+
+
+def encode_embeddings(layout: ParamLayout, encoder: Params, embeds: jax.Array) -> jax.Array:
+  """The text conditioning (B, L, D') of word embeddings (B, L, D) instead of token ids: the CLIP text encoder's
+  last hidden state, as encode_prompts computes it from the ids whose embeddings these are. The encoder reads
+  its table at the ids: a table of exactly these rows, read at 0 … B·L−1, gives the same sum with every row free."""
+  b, length, dim = embeds.shape
+  module = layout.module({**encoder, TOKEN_EMBEDDING: embeds.reshape(b * length, dim)})
+  return module(jnp.arange(b * length, dtype=jnp.int32).reshape(b, length)).last_hidden_state
+
+
+@dataclasses.dataclass(frozen=True)
+class Adversary:
+  """Robust erasure's inner search (AdvUnlearn, docs/method.md §9), for each concept's student prompt.
+
+  encoder: the text encoder's flat parameters (held layout), `layout` its structure; embeds (N, L, D): the word
+  embeddings of each concept's student prompt; free (N, L, 1): 1 where the search may move an embedding (the
+  prompt's words), 0 at the start, end and padding tokens. steps, learning_rate: the search's Adam steps (0: plain
+  ESD) and rate. The arrays are a pytree's leaves, the rest static.
+  """
+
+  encoder: Params
+  embeds: jax.Array
+  free: jax.Array
+  layout: ParamLayout
+  steps: int
+  learning_rate: float
+
+
+jax.tree_util.register_dataclass(Adversary, data_fields=['encoder', 'embeds', 'free'],
+                                 meta_fields=['layout', 'steps', 'learning_rate'])
+
+
 class Prompts(NamedTuple):
   """Text conditioning, encoded once. `concept` and `student` have a leading concept axis (N);
   `student[i]` is concept i's erase_from prompt f (with `has_from[i]`), else concept i itself.
   `student` is None when no concept has an erase_from prompt, which saves the frozen model a forward.
   `eta[i]` is concept i's negative guidance; None: the objective's for all. `retain` (leading axis R): the prompts
-  to preserve, shared by every concept; None: plain ESD."""
+  to preserve, shared by every concept; None: plain ESD. `adversary`: robust erasure's search; None: plain ESD."""
 
   uncond: Conditioning
   concept: Conditioning
@@ -91,6 +131,7 @@ class Prompts(NamedTuple):
   has_from: jax.Array
   eta: jax.Array | None = None
   retain: Conditioning | None = None
+  adversary: Adversary | None = None
 
 
 class Draws(NamedTuple):
@@ -236,6 +277,10 @@ def esd_loss(trained: Params, frozen: Params, layout: ParamLayout, objective: Ob
     anchor = jnp.where(prompts.has_from[draws.concept], e[2], anchor)
   target = jax.lax.stop_gradient(anchor - coefficient * (e_concept - e_uncond))
 
+  if prompts.adversary is not None:  # the student is asked at c + δ, the concept's best restoring perturbation
+    restoring = lambda cond: _predict(layout.module({**frozen, **jax.lax.stop_gradient(trained)}), x_t, draws.t,
+                                      cond, dtype)
+    sampled = [_adversarial(prompts.adversary, draws.concept, student_prompt, restoring, e_concept)] + sampled[1:]
   student = layout.module({**frozen, **trained})
   student.remat = objective.remat
   e_student = jnp.split(_predict(student, jnp.concatenate(xs), draws.t, _cat(*sampled), dtype), len(sampled))
@@ -243,6 +288,33 @@ def esd_loss(trained: Params, frozen: Params, layout: ParamLayout, objective: Ob
   if prompts.retain is not None:
     loss += objective.preserve_weight * jnp.mean(jnp.square(e_student[1] - jax.lax.stop_gradient(e[-1])))
   return loss, x_t
+
+
+def _adversarial(adversary: Adversary, concept: jax.Array, student_prompt: Conditioning, predict,
+                 e_concept: jax.Array) -> Conditioning:
+  """AdvUnlearn's attack on the current student (`predict`: its ε at x_t for a conditioning, no gradient to its
+  weights): Adam on δ, from 0, lowering mse(ε_θ(x_t, c + δ), ε*(x_t, c)); returns the student prompt's
+  conditioning moved by what δ changes in the text encoder's output. δ = 0 moves it by exactly 0."""
+  embeds, free = adversary.embeds[concept][None], adversary.free[concept][None]
+  batch = e_concept.shape[0]
+  encode = lambda delta: encode_embeddings(adversary.layout, adversary.encoder, embeds + free * delta)
+
+  def restore_loss(delta):
+    context = encode(delta)
+    context = jnp.broadcast_to(context, (batch, *context.shape[1:]))
+    return jnp.mean(jnp.square(predict(Conditioning(context)) - e_concept))
+
+  tx = optax.adam(adversary.learning_rate)
+
+  def search_step(_, carry):
+    delta, opt_state = carry
+    updates, opt_state = tx.update(jax.grad(restore_loss)(delta), opt_state)
+    return optax.apply_updates(delta, updates), opt_state
+
+  zero = jnp.zeros_like(embeds)
+  delta = jax.lax.stop_gradient(jax.lax.fori_loop(0, adversary.steps, search_step, (zero, tx.init(zero)))[0])
+  shift = encode(delta) - encode(zero)
+  return dataclasses.replace(student_prompt, context=student_prompt.context + shift)
 
 
 class TrainState(NamedTuple):
@@ -288,6 +360,8 @@ def per_model(prompts: Prompts, groups: Sequence[Sequence[int]] | None = None) -
   own concepts. The empty prompt and the retain prompts stay shared."""
   if prompts.eta is None:
     raise ValueError('per_model: give every concept its negative guidance (Prompts.eta).')
+  if prompts.adversary is not None:
+    raise ValueError('per_model: robust erasure (Prompts.adversary) trains one model; erase separately.')
   groups = [[m] for m in range(len(prompts.has_from))] if groups is None else groups
   width = max(len(g) for g in groups)
   index = jnp.asarray([list(g) + [g[0]] * (width - len(g)) for g in groups])

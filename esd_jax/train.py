@@ -81,6 +81,9 @@ class Erased:
 
 def concept_list(erase: ml_collections.ConfigDict) -> list[Concept]:
   """The run's concepts (concepts.of_config), a bad list raised as a RunError."""
+  if erase.erase_from == 'auto':
+    raise RunError("erase.erase_from='auto' stands for the shapes world's prompts naming each concept, which "
+                   'esd_jax.commands fills in: run through main.py / esd_jax.commands, or give the prompts.')
   try:
     return concepts_of(erase)
   except ConceptError as e:
@@ -208,6 +211,9 @@ def run_metadata(config: ml_collections.ConfigDict, plan: Plan, pipe: StableDiff
       'learning_rate': train.learning_rate, 'batch_size': train.batch_size, 'seed': train.seed,
       'compute_dtype': train.compute_dtype, 'frozen_dtype': frozen_dtype(train),
       'preserve': plan.retain, 'preserve_weight': erase.preserve_weight if plan.retain else None,
+      # only when on, so that the checkpoints of runs without it resume as they did
+      **({'adversarial_steps': erase.adversarial_steps, 'adversarial_learning_rate': erase.adversarial_learning_rate}
+         if erase.get('adversarial') else {}),
   }
 
 
@@ -303,7 +309,7 @@ def separate_models(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) 
   shared, split = sharding.replicated(mesh), sharding.over_models(mesh)
   prompts = distributed.gather(setup.run(jax.jit(functools.partial(esd.per_model, groups=plan.groups)),
                                          setup.prompts))
-  model_fields = [jax.tree.map(lambda _: split, f) for f in prompts[1:-1]]
+  model_fields = [jax.tree.map(lambda _: split, f) for f in prompts[1:5]]  # concept, student, has_from, eta
   prompts = setup.place(prompts, esd.Prompts(jax.tree.map(lambda _: shared, prompts.uncond), *model_fields,
                                              jax.tree.map(lambda _: shared, prompts.retain)))
   trained_sh = {k: sharding.stacked(setup.frozen_sharding[k]) for k in setup.keys}
@@ -371,6 +377,9 @@ def set_up(config: ml_collections.ConfigDict, plan: Plan, pipe: StableDiffusion 
   h, w = latent_size(pipe, size, size)
   prompts = encode_concepts(pipe, plan.concepts, config.erase.negative_guidance, height=size, width=size,
                             retain=plan.retain)
+  if config.erase.get('adversarial'):  # robust erasure: the search's text encoder and prompts (esd_jax.attack)
+    from esd_jax.attack import adversary_of
+    prompts = prompts._replace(adversary=adversary_of(pipe, plan, config.erase))
   setup = make_setup(config, mesh, pipe.unet, prompts, pipe.scheduler_config,
                      (h, w, pipe.unet.config['in_channels']))
   if frozen_dtype(config.train) != 'float32':

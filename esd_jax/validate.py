@@ -143,6 +143,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
                        '"auto" (the shapes world\'s other prompts) or a list of non-empty prompts, e.g. '
                        '"(\'a dog\', \'a photo of a cat\')", () for none'),
     'erase.preserve_weight': _real(0),
+    'erase.adversarial': _flag(),
+    'erase.adversarial_steps': _whole(0),  # 0: plain ESD, exactly
+    'erase.adversarial_learning_rate': _real(0, above=True),
 
     'train.iterations': _whole(1),
     'train.learning_rate': _real(0, above=True),
@@ -189,7 +192,35 @@ RULES: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     'evaluate.guidance_scale': _real(0),
     'evaluate.batch_size': _whole(1),
     'evaluate.grid_seeds': _whole(0),
+    'evaluate.original_cache': _text(),
     'evaluate.backend': _one_of(('jax', 'diffusers')),
+
+    'attack.weights': ((lambda v: isinstance(v, (list, tuple)) and all(_is_prompt(p) for p in v)),
+                       'a list of ESD weights files, e.g. "(\'outputs/default/erased/unet_trained.safetensors\',)", '
+                       "or () for this workdir's erasure"),
+    'attack.concepts': ((lambda v: isinstance(v, (list, tuple)) and all(_is_prompt(p) for p in v)),
+                        'a list of concepts, one per weights file, e.g. "(\'circle\',)", or () to read them from the '
+                        'files'),
+    'attack.prompts': ((lambda v: isinstance(v, (list, tuple)) and all(_is_prompt(p) for p in v)),
+                       'a list of prompts, e.g. "(\'a red circle\',)", or () for the shapes world\'s prompts naming '
+                       'the concept'),
+    'attack.seeds': _whole(1),
+    'attack.steps': _whole(0),
+    'attack.tokens': _whole(1),
+    'attack.learning_rate': _real(0, above=True),
+    'attack.seed': _whole(0),
+    'attack.objective': _one_of(('classifier', 'denoise')),
+    'attack.search_steps': _whole(1),
+    'attack.sample_steps': _whole(1),
+    'attack.guidance_scale': _real(0),
+    'attack.classifier': _text(),
+    'attack.handoff': ((lambda v: isinstance(v, (list, tuple)) and all(_is_whole(k) and k >= 0 for k in v)),
+                       'a list of DDIM steps ≥ 0 (at most attack.sample_steps), e.g. "(0, 10, 20)", or () for none'),
+    'attack.guidance': ((lambda v: isinstance(v, (list, tuple)) and all(_real(0)[0](g) for g in v)),
+                        'a list of guidance scales ≥ 0, e.g. "(7.5, 15.0)", or () for none'),
+    'attack.forms': ((lambda v: isinstance(v, (list, tuple)) and all(_is_prompt(p) for p in v)),
+                     'a list of prompts naming the concept, e.g. "(\'a circle\',)", or () for the default forms'),
+    'attack.grid_seeds': _whole(1),
 
     'probe.every': _whole(0),
     'probe.seeds': _whole(1),
@@ -240,6 +271,7 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
     'plan': ('model', 'workdir', 'prediction_type', 'attention', *_section('erase'), *_section('train'),
              *_section('mesh'), *_section('plan')),
     'train_world': ('output', *_section('world'), *_section('classifier')),
+    'attack': (*_LOAD, *_section('attack')),
     # the forms' defaults (erase, generate, export, evaluate) are checked when a form is submitted
     'serve': (*_LOAD, *_section('serve'), 'mesh.distributed'),
 }
@@ -358,15 +390,41 @@ def _recipe(config) -> None:
                       f'(esd_jax.shapes_world.trainer.Recipe) has {sorted(known)}.')
 
 
+def _adversarial(config) -> None:
+  if _get(config, 'erase.adversarial') is True and _get(config, 'erase.separate_models') is True:
+    raise _fail('erase.adversarial', True, 'False with --config.erase.separate_models=True (robust erasure trains one '
+                                           'model; erase each concept in a run of its own)')
+
+
+def _attack_files(config) -> None:
+  if _get(config, 'attack') is _MISSING:
+    return
+  for path in _get(config, 'attack.weights'):
+    if not Path(path).is_file():
+      raise _fail('attack.weights', _get(config, 'attack.weights'), f"ESD weights files ({path} is no file), or () for "
+                                                                     "this workdir's erasure")
+  name = _get(config, 'attack.classifier')
+  if name not in ('', 'shapes-world') and not (Path(name) / 'config.json').is_file():
+    raise _fail('attack.classifier', name, "'shapes-world' (the shipped classifier), a classifier folder (one with "
+                                           "config.json; this is none), or '' to search without judging")
+  if name == '' and _get(config, 'attack.objective') == 'classifier':
+    raise _fail('attack.objective', 'classifier', "'denoise' with --config.attack.classifier='' (the classifier "
+                                                  'objective needs a judge: set attack.classifier to one)')
+  if any(k > _get(config, 'attack.sample_steps') for k in _get(config, 'attack.handoff')):
+    raise _fail('attack.handoff', _get(config, 'attack.handoff'),
+                f'DDIM steps ≤ --config.attack.sample_steps={_get(config, "attack.sample_steps")}')
+
+
 def _one_process(config) -> None:
   if _get(config, 'mesh.distributed') is True:
     raise _fail('mesh.distributed', True, 'False with `serve` (the web app runs in one process)')
 
 
 RELATIONS: dict[str, tuple[Callable[[Any], None], ...]] = {
-    'erase': (_sampler, _mesh, _patterns, _separate, _concepts, _classifier_folder),
+    'erase': (_sampler, _mesh, _patterns, _separate, _concepts, _classifier_folder, _adversarial),
     'dry_run': (_patterns,),
-    'plan': (_sampler, _mesh, _patterns, _separate, _concepts),
+    'plan': (_sampler, _mesh, _patterns, _separate, _concepts, _adversarial),
+    'attack': (_attack_files,),
     'evaluate': (_evaluate_classifier, _classifier_folder, _weights_file, _diffusers_backend),
     'export': (_weights_file,),
     'compare': (_weights_file,),

@@ -11,12 +11,12 @@ from safetensors.numpy import load_file
 
 from configs.default import get_config
 from esd_jax.concepts import Concept
-from esd_jax.commands import _with_retain
+from esd_jax.commands import with_world_prompts
 from esd_jax.errors import RunError
 from esd_jax.validate import ConfigError
 from esd_jax.models.state_dict import stored
 from esd_jax.shapes_world import world
-from esd_jax.train import Probe, Reading, retain_prompts, run_erasure
+from esd_jax.train import Probe, Reading, concept_list, retain_prompts, run_erasure
 
 
 def _config(model, workdir, iterations):
@@ -89,16 +89,36 @@ def test_retain_prompts():
     config.erase.preserve = 'auto'
   with pytest.raises(RunError, match="esd_jax.commands fills in"):
     retain_prompts(config.erase, _concepts('circle'))
-  auto = _with_retain(config).erase.preserve
+  auto = with_world_prompts(config).erase.preserve
   assert 'circle' not in auto and not any('circle' in p for p in auto)
   assert set(auto) >= {'square', 'red', 'a red square', 'a yellow cross'} and len(auto) == 3 + 4 + 12
   assert world.retain_prompts(['circle', 'red']) == [p for p in auto if 'red' not in p.split()]
   config.erase.concepts = ('a dog',)
   with pytest.raises(ConfigError, match="list the prompts to preserve"):
-    _with_retain(config)
+    with_world_prompts(config)
   with config.ignore_type():
     config.erase.preserve = ('a house', 'a tree')
   assert retain_prompts(config.erase, _concepts('a dog')) == ['a house', 'a tree']
+
+
+def test_erase_from_auto_erases_each_concept_from_the_world_prompts_naming_it():
+  config = get_config()
+  with config.ignore_type():
+    config.erase.erase_from = 'auto'
+  config.erase.concepts = ('square', 'red')
+  with pytest.raises(RunError, match='esd_jax.commands fills in'):
+    concept_list(config.erase)
+  erase = with_world_prompts(config).erase
+  assert erase.erase_from == ('a red square', 'a green square', 'a blue square', 'a yellow square', 'a red circle',
+                              'a red square', 'a red triangle', 'a red cross')
+  assert erase.concepts == ('square',) * 4 + ('red',) * 4
+  assert [c.prompt for c in concept_list(erase)] == list(erase.concepts)
+  config.erase.concepts = ('a red square',)  # two concepts of the world in one prompt
+  with pytest.raises(ConfigError, match="not one shape or one colour.*--config.erase.erase_from=''"):
+    with_world_prompts(config)
+  config.erase.concepts_file = 'concepts.csv'
+  with pytest.raises(ConfigError, match='set it there'):
+    with_world_prompts(config)
 
 
 def _concepts(prompt):
@@ -106,29 +126,38 @@ def _concepts(prompt):
 
 
 @pytest.mark.parity
-def test_erase_until_on_the_shapes_world(tmp_path):
-  """The shapes world's probe in a real run ("circle", the default recipe, a shortened probe): every reading in
-  metrics.jsonl, the run stops at the first that meets the criteria, and returns the model measured then.
-  The criteria here ask only that the circle be gone (max_drop 1): the default recipe costs the other shapes far more
-  than 3 points (README), which is what the procedure of issue 14 is measured against, not this test."""
-  from esd_jax import plots
+def test_the_any_concept_procedure_end_to_end_on_the_shapes_world(tmp_path):
+  """Issue 14's one command for any concept (configs/any_concept.py) on "circle", with a shortened probe (2 seeds)
+  and final measurement (4 seeds): every probe reading in metrics.jsonl, the run stops at the first that meets the
+  criteria and exports the model measured then, which the report finds erased with the other concepts kept."""
+  from configs.any_concept import get_config as any_concept
+  from esd_jax import commands
   from esd_jax.shapes_world.measure import load_judge
   from esd_jax.shapes_world.probe import shapes_probe
-  config = get_config()
+  config = any_concept()
   config.workdir = str(tmp_path)
-  config.train.iterations = 300
-  config.probe.update({'every': 50, 'seeds': 2, 'steps': 25, 'max_shown': 0.125, 'max_drop': 1.0})
-  result = run_erasure(config, probe=shapes_probe(load_judge(), ['circle'], config.probe), progress=False)
+  config.erase.concepts = ('circle',)
+  config.probe.seeds = 2
+  config.evaluate.seeds = 4
+  config.export.formats = ('trained',)
+  result = commands.erase(config)
   probes, steps = _probes(tmp_path)
-  assert [p['step'] for p in probes] == list(range(50, steps[-1] + 1, 50)) and probes[0]['shown'] > 0.5
+  every = config.probe.every
+  assert [p['step'] for p in probes] == list(range(every, steps[-1] + 1, every)) and probes[0]['shown'] > 0.5
   best = json.loads((tmp_path / 'probe' / 'best.json').read_text())
   assert best['met'] and probes[-1]['met'] and result.metadata['probe'] == best
-  # Stopped at the first reading that met the criteria, and returned that model.
-  assert steps[-1] == best['step'] < 300 and not any(p['met'] for p in probes[:-1])
-  assert best['shown'] <= 0.125
+  # Stopped at the first reading that met the criteria, and exported that model.
+  assert steps[-1] == best['step'] < config.train.iterations and not any(p['met'] for p in probes[:-1])
+  assert best['shown'] <= config.probe.max_shown and best['worst_drop'] <= config.probe.max_drop
   saved = load_file(tmp_path / 'probe' / 'best.safetensors')
-  assert result.trained.keys() == saved.keys() and all(np.array_equal(result.trained[k], saved[k]) for k in saved)
-  assert plots.training_curves(tmp_path / 'metrics.jsonl', tmp_path / 'training.png').stat().st_size > 0
+  exported = load_file(tmp_path / 'erased' / 'unet_trained.safetensors')
+  assert saved.keys() == exported.keys() and all(np.array_equal(exported[k], saved[k]) for k in saved)
+  assert all('.attn2.' in k for k in saved)  # ESD-x: cross-attention only
+  (summary,) = json.loads((tmp_path / 'report.json').read_text())['models']['erased']['summary']
+  # 16 images of the circle's prompts and of each other shape's, 12 of each colour's (on the prompts without the
+  # circle): at most one image of any of them.
+  assert summary['erased_rate'] <= 1 / 16 and summary['max_other_drop'] <= 1 / 12, summary
+  assert (tmp_path / 'training.png').stat().st_size > 0
   # A probe too coarse to see the original draw the world (2 DDIM steps: blobs) is refused, not met vacuously.
   coarse = config.probe.copy_and_resolve_references()
   coarse.steps = 2

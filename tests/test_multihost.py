@@ -26,44 +26,42 @@ def _erase(model, workdir, *settings, method='esd-x'):
 _FSDP_ACROSS_BOTH = ('--config.mesh.data=1', '--config.mesh.fsdp=4')
 
 
-def _one_model_two_processes_equals_one_process(model, tmp_path, method: str, trained_tensors: int, *settings):
-  """Runs `method` in one process with 4 devices (tmp_path/one) and in two with 2 each (tmp_path/two), fsdp over
-  all four; checks that they agree and that process 0 alone printed and wrote."""
-  args = lambda workdir: _erase(model, workdir, *_FSDP_ACROSS_BOTH, *settings, method=method)
-  main_py(args(tmp_path / 'one'), devices=4, cwd=tmp_path)
-  results = launch(args(tmp_path / 'two'), processes=2, devices=2, cwd=tmp_path)
-  check_all_succeeded(results)
-  one, two = (tmp_path / name / 'erased' for name in ('one', 'two'))
-  a, b = load_file(one / 'unet_trained.safetensors'), load_file(two / 'unet_trained.safetensors')
+def _check_equal_and_process_0_alone_wrote(tmp_path, one: str, two: str, results, trained_tensors: int):
+  """The erasure of tmp_path/two (two processes: `results`) equals tmp_path/one's (one process), and process 0 alone
+  printed and wrote."""
+  one, two = tmp_path / one, tmp_path / two
+  a, b = (load_file(run / 'erased' / 'unet_trained.safetensors') for run in (one, two))
   assert len(a) == trained_tensors and a.keys() == b.keys()
   # Not bit for bit: gloo's all-gathers and reduce-scatters sum in another order than one process does (ESD-x:
   # 3.8e-8 relative after 4 iterations, ESD-u up to 1.1e-6, losses equal to 1e-6; the draws are the same).
   assert _relative_difference(a, b) <= 1e-5
-  single = [load_file(path / 'model.safetensors') for path in (one, two)]
+  single = [load_file(run / 'erased' / 'model.safetensors') for run in (one, two)]
   assert single[0].keys() == single[1].keys()
   assert _relative_difference(*single) <= 1e-5
   same = [k for k in single[0] if np.array_equal(single[0][k], single[1][k])]
   assert len(same) >= len(single[0]) - trained_tensors  # everything but the trained tensors, bit for bit
-  # Process 0 alone logs, prints and writes the metrics.
   (_, out0, err0), (_, out1, err1) = results
   assert 'Erased model (trained)' in out0 and not _own(out1)
   assert 'erase:' in err0 and 'erase:' not in err1  # the progress bar
-  steps = [json.loads(line)['step'] for line in (tmp_path / 'two' / 'metrics.jsonl').read_text().splitlines()]
+  steps = [json.loads(line)['step'] for line in (two / 'metrics.jsonl').read_text().splitlines()]
   assert steps == [1, 2, 3, 4]
+  assert sorted(p.name for p in (two / 'erased').iterdir()) == ['model.safetensors', 'unet_trained.safetensors']
 
 
 _TWO_CONCEPTS_PER_STEP = ("--config.erase.concepts=('a cat', 'a dog')", '--config.train.concepts_per_step=2')
 
 
-def test_esd_u_two_concepts_per_step_across_two_processes_equals_one_process_and_resumes(model, tmp_path):
-  # ESD-u: every tensor of the UNet's non-cross-attention layers trained, the large ones split over both processes
-  # (ESD-x across processes: test_separate_models_one_per_process_equal_one_process).
-  _one_model_two_processes_equals_one_process(model, tmp_path, 'esd-u', 180, *_TWO_CONCEPTS_PER_STEP)
-  # Both processes killed together (SIGKILL) after the step-2 checkpoint, then relaunched: the run resumes there
-  # and ends where the uninterrupted two-process run (tmp_path/two) ended; its exports are byte for byte the same.
+def test_esd_u_two_concepts_per_step_across_two_processes_killed_and_resumed_equals_one_process(model, tmp_path):
+  # ESD-u: every tensor of the UNet's non-cross-attention layers trained, fsdp over both processes' four devices, so
+  # the large tensors are split between them (ESD-x across processes: test_separate_models_one_per_process_equal_one_
+  # process). Both processes are killed together (SIGKILL) after the step-2 checkpoint, then relaunched: the run
+  # resumes there and ends where one process with four devices ends (a resume in one process is bit for bit the
+  # uninterrupted run: tests/test_train.py).
+  args = lambda workdir: _erase(model, workdir, *_FSDP_ACROSS_BOTH, *_TWO_CONCEPTS_PER_STEP, method='esd-u')
+  main_py(args(tmp_path / 'one'), devices=4, cwd=tmp_path)
   killed = tmp_path / 'killed'
-  args = _erase(model, killed, *_FSDP_ACROSS_BOTH, *_TWO_CONCEPTS_PER_STEP, method='esd-u')
-  procs = start(args, processes=2, devices=2, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  procs = start(args(killed), processes=2, devices=2, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 400
     while not (killed / 'checkpoints' / '2').is_dir() and time.time() < deadline and procs[0].poll() is None:
@@ -74,12 +72,10 @@ def test_esd_u_two_concepts_per_step_across_two_processes_equals_one_process_and
       p.wait()
   assert (killed / 'checkpoints' / '2').is_dir(), 'the run ended before its step-2 checkpoint'
   assert not (killed / 'erased').exists() and len((killed / 'metrics.jsonl').read_text().splitlines()) < 4
-  results = launch(args, processes=2, devices=2, cwd=tmp_path)
+  results = launch(args(killed), processes=2, devices=2, cwd=tmp_path)
   check_all_succeeded(results)
   assert 'esd-jax: Resumed from step 2' in results[0][2]
-  for name in ('unet_trained.safetensors', 'model.safetensors'):
-    assert (killed / 'erased' / name).read_bytes() == (tmp_path / 'two' / 'erased' / name).read_bytes(), name
-  assert sorted(p.name for p in (killed / 'erased').iterdir()) == ['model.safetensors', 'unet_trained.safetensors']
+  _check_equal_and_process_0_alone_wrote(tmp_path, 'one', 'killed', results, trained_tensors=180)
 
 
 def test_every_other_command_on_two_processes_equals_one_process(model, tmp_path):

@@ -65,3 +65,26 @@ def test_overall_counts_none():
   numbers = overall(report)
   assert numbers['shape'] == pytest.approx(1 - 2 / 8 / 16) and numbers['colour'] == pytest.approx(1 - 1 / 16)
   assert numbers['rejected_shape'] == 2 / 128 and numbers['rejected_colour'] == 8 / 128
+
+
+def test_the_original_images_are_kept_under_a_fingerprint_and_read_back(model, tmp_path, monkeypatch):
+  import jax
+  import numpy as np
+
+  from esd_jax import loading
+  from esd_jax.shapes_world import measure
+  pipe = loading.load_pipeline(model)
+  prompts, seeds, sampling = ['a cat', 'a dog'], [0, 1], measure.Sampling(steps=2)
+  made = measure.original_images(pipe, prompts, seeds, sampling, tmp_path)
+  (kept,) = tmp_path.iterdir()
+  assert np.array_equal(np.load(kept), made) and made.shape[:2] == (2, 2)
+  monkeypatch.setattr(measure, 'generate_jax', None)  # a second call reads the file, generating nothing
+  assert np.array_equal(measure.original_images(pipe, prompts, seeds, sampling, tmp_path), made)
+  monkeypatch.undo()
+  # Another seed, sampling or weight is another entry.
+  measure.original_images(pipe, prompts, [0, 2], sampling, tmp_path)
+  measure.original_images(pipe, prompts, seeds, measure.Sampling(steps=3), tmp_path)
+  conv = pipe.unet.conv_in.weight
+  conv.value = conv.value.at[0, 0, 0, 0].add(jax.numpy.float32(0.5))
+  measure.original_images(pipe, prompts, seeds, sampling, tmp_path)
+  assert len(list(tmp_path.iterdir())) == 4

@@ -10,6 +10,7 @@ Runs on our JAX pipeline, or on diffusers' StableDiffusionPipeline in PyTorch fo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -19,10 +20,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from esd_jax import distributed, images, shapes_world
-from esd_jax.files import write_json
+from esd_jax.files import atomic_path, write_json
 from esd_jax.shapes_world import classifier as judge
 from esd_jax.shapes_world import world
 from esd_jax.generate import latent_size, text_to_image
@@ -58,6 +60,35 @@ def generate_jax(pipe: StableDiffusion, prompts: Sequence[str], seeds: Sequence[
                              guidance_scale=sampling.guidance_scale, num_inference_steps=sampling.steps)
     out.append(np.asarray(batch)[:len(chunk) - pad])
   return np.concatenate(out).reshape(len(prompts), len(seeds), *out[0].shape[1:])
+
+
+def _fingerprint(pipe: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int], sampling: Sampling) -> str:
+  """Names what the original model's generations depend on: every weight (per tensor, its float64 sum and sum of
+  squares), the tokenizer's vocabulary size, the noise schedule, the prompts, seeds and sampling."""
+  digest = hashlib.sha256()
+  for name in ('unet', 'text_encoder', 'vae'):
+    for path, leaf in sorted(nnx.to_flat_state(nnx.state(getattr(pipe, name), nnx.Param)), key=lambda kv: str(kv[0])):
+      x = np.asarray(leaf.value, np.float64)
+      digest.update(f'{name}{path}:{x.shape}:{x.sum():.17g}:{np.square(x).sum():.17g};'.encode())
+  digest.update(json.dumps([len(pipe.tokenizer), pipe.scheduler_config, list(prompts), list(seeds),
+                            dataclasses.astuple(sampling)[:2]], sort_keys=True, default=str).encode())
+  return digest.hexdigest()[:20]
+
+
+def original_images(pipe: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int], sampling: Sampling,
+                    cache: str | os.PathLike = '') -> np.ndarray:
+  """generate_jax of the original model, kept in the folder `cache` ('' for none) under a name that fingerprints
+  the weights, prompts, seeds and sampling: a sweep of erasures of one base model generates its images once."""
+  path = Path(cache) / f'original-{_fingerprint(pipe, prompts, seeds, sampling)}.npy' if cache else None
+  if path is not None and path.is_file():
+    return np.load(path)
+  generated = generate_jax(pipe, prompts, seeds, sampling, desc='original')
+  if path is not None and distributed.is_main():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+      with open(tmp, 'wb') as f:  # np.save on a path would append .npy to the temporary name
+        np.save(f, generated)
+  return generated
 
 
 def generate_diffusers(folder: str | os.PathLike, prompts: Sequence[str], seeds: Sequence[int], sampling: Sampling,
@@ -191,13 +222,14 @@ def comparison_grid(path: Path, prompts: Sequence[str], columns: dict[str, np.nd
 def measure_erasure(workdir: Path, judge_model: judge.ShapesClassifier, prompts: Sequence[str],
                     seeds: Sequence[int], sampling: Sampling, original: StableDiffusion,
                     erased: dict[str, tuple[StableDiffusion, list[str]]], *, grid_seeds: int,
-                    run: dict) -> dict:
+                    run: dict, original_cache: str | os.PathLike = '') -> dict:
   """Generates prompts × seeds with the original and each erased model ({name: (pipeline, concepts it
   erased)}), has the classifier name what each image shows, and writes workdir/report.json (`run` describes
-  the erasure) and workdir/erasure.png (rows: prompts; columns: the first grid_seeds seeds of each model)."""
+  the erasure) and workdir/erasure.png (rows: prompts; columns: the first grid_seeds seeds of each model).
+  The original's images come from `original_cache` when it holds them (original_images)."""
   start = time.perf_counter()
-  models = {'original': original, **{name: model for name, (model, _) in erased.items()}}
-  generated = {name: generate_jax(model, prompts, seeds, sampling, desc=name) for name, model in models.items()}
+  generated = {'original': original_images(original, prompts, seeds, sampling, original_cache),
+               **{name: generate_jax(model, prompts, seeds, sampling, desc=name) for name, (model, _) in erased.items()}}
   reports = {name: score(judge_model, prompts, batch) for name, batch in generated.items()}
   summaries = {name: [erasure_summary(reports['original'], reports[name], c) for c in concepts if world.is_concept(c)]
                for name, (_, concepts) in erased.items()}

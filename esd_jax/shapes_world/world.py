@@ -163,6 +163,14 @@ def retain_prompts(concepts) -> list[str]:
   return words + [p for p in PROMPTS if not erased & set(p.split())]
 
 
+def naming(concept: str) -> list[str]:
+  """The world's "a {colour} {shape}" prompts that name `concept` (one shape or one colour): those an erasure of it
+  is erased from with erase.erase_from='auto'."""
+  if not is_concept(concept):
+    raise ValueError(f'{concept!r} is not one shape or one colour of the shapes world, {SHAPES + COLOUR_NAMES}.')
+  return [p for p in PROMPTS if concept in p.split()]
+
+
 def is_concept(prompt: str) -> bool:
   """Whether `prompt` names exactly one concept of the world: a shape or a colour, not both, not neither."""
   shape, colour = parse(prompt)

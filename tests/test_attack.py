@@ -1,0 +1,138 @@
+"""The attack and robust erasure (esd_jax/attack.py, esd.Adversary): the attack's gradient against the PyTorch
+reference (tests/torch_attack.py), robust erasure with no search steps is plain ESD to the bit, and on the shapes
+world the attack brings a shallowly erased circle back where the unattacked prompt and an unoptimised prefix do not."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.default import get_config
+from esd_jax import attack, esd
+from esd_jax.loading import load_model
+from esd_jax.methods import trained_keys
+from esd_jax.models.state_dict import split_flat
+from esd_jax.schedulers import make_scheduler
+from esd_jax.train import encode_concepts, plan_run
+from tests import torch_attack
+from tests.reference import rel_err
+
+
+def _config(model, **erase):
+  config = get_config()
+  config.model = str(model)
+  config.erase.concepts = ('a cat',)
+  config.erase.update(erase)
+  return config
+
+
+def test_bad_attack_settings_are_refused_naming_the_fix():
+  from transformers import CLIPTokenizer
+
+  from esd_jax import shapes_world
+  from esd_jax.validate import ConfigError, check
+
+  check(get_config(), 'attack')
+  config = get_config()
+  config.attack.handoff = (0, 60)
+  with pytest.raises(ConfigError, match=r'attack\.handoff.*≤ --config\.attack\.sample_steps=50'):
+    check(config, 'attack')
+  config = get_config()
+  config.attack.classifier = ''
+  with pytest.raises(ConfigError, match=r"'denoise' with --config\.attack\.classifier=''"):
+    check(config, 'attack')
+  config = get_config()
+  config.erase.update(adversarial=True, separate_models=True)
+  with pytest.raises(ConfigError, match=r'--config\.erase\.adversarial=True.*erase each concept in a run of its own'):
+    check(config, 'erase')
+  # The shapes world reads 8 tokens: "a red circle" leaves room for 3 adversarial ones.
+  tokenizer = CLIPTokenizer.from_pretrained(str(shapes_world.PIPELINE / 'tokenizer'))
+  ids, slots = attack.prefixed(tokenizer, ['a red circle'], 3)
+  assert slots[0].tolist() == [0, 1, 1, 1, 0, 0, 0, 0] and ids[0, 4:7].tolist() == tokenizer('a red circle').input_ids[1:4]
+  with pytest.raises(ValueError, match='lower --config.attack.tokens to at most 3'):
+    attack.prefixed(tokenizer, ['a red circle'], 4)
+
+
+@pytest.mark.parity
+def test_attack_gradient_matches_pytorch(model):
+  from diffusers import StableDiffusionPipeline
+
+  pipe = load_model(_config(model))
+  ref = StableDiffusionPipeline.from_pretrained(str(model))
+  rng = np.random.default_rng(0)
+  ids, slots = attack.prefixed(pipe.tokenizer, ['a photo of a cat', 'a dog'], 2)
+  text_layout, encoder = split_flat(pipe.text_encoder)
+  table = np.asarray(encoder[esd.TOKEN_EMBEDDING])
+  ids[slots > 0] = rng.choice(attack.candidate_tokens(pipe.tokenizer, len(table)), int(slots.sum()))
+  # Continuous embeddings off the vocabulary's rows, as the search makes them.
+  embeds = (table[ids] + slots[..., None] * rng.standard_normal(table[ids].shape)).astype(np.float32)
+  x0, noise = (rng.standard_normal((2, 16, 16, 4)).astype(np.float32) for _ in range(2))
+  t = np.asarray([437, 91])  # one timestep per image, as the search draws them
+  scheduler = make_scheduler(pipe.scheduler_config, 'ddim')
+  layout, params = split_flat(pipe.unet)
+  loss_fn = lambda e: attack.attack_loss(layout.module(params), text_layout, encoder, e, jnp.asarray(x0), jnp.asarray(t),
+                                         jnp.asarray(noise), scheduler.alphas_cumprod)
+  loss, grad = jax.jit(jax.value_and_grad(loss_fn))(jnp.asarray(embeds))
+
+  nchw = lambda a: a.transpose(0, 3, 1, 2)
+  want = torch_attack.attack_loss_and_grad(ref.text_encoder, ref.unet, ref.scheduler.alphas_cumprod, ids=ids,
+                                           slots=slots > 0, adversarial=embeds, x0=nchw(x0), t=t, noise=nchw(noise))
+  assert abs(float(loss) - want['loss']) <= 1e-5 * want['loss']
+  grad = np.asarray(grad) * slots[..., None]  # the search moves the slots only
+  assert np.abs(want['grad']).max() > 0 and rel_err(grad, want['grad']) <= 1e-4
+
+
+def test_robust_step_without_search_steps_is_plain_esd(model):
+  config = _config(model, adversarial=True, adversarial_steps=0)
+  pipe = load_model(config)
+  plan = plan_run(config)
+  prompts = encode_concepts(pipe, plan.concepts, 3.0, height=None, width=None, retain=['a dog'])
+  layout, frozen = split_flat(pipe.unet)
+  trained = {k: frozen[k] for k in trained_keys(frozen, 'esd-u')}
+  objective = esd.Objective(negative_guidance=3.0, ddim_steps=4)
+  scheduler = objective.scheduler(pipe.scheduler_config)
+  draws = esd.draw(jax.random.key(3), objective, scheduler, batch=1, latent_shape=(16, 16, 4), num_concepts=1,
+                   num_retain=1)
+  tx = esd.optimizer(1e-3)
+  step = jax.jit(functools.partial(esd.train_step, layout=layout, objective=objective, scheduler=scheduler, tx=tx))
+  run = lambda p: step(esd.init_state(trained, tx), frozen, p, draws)
+  plain, plain_metrics = run(prompts)
+  robust, robust_metrics = run(prompts._replace(adversary=attack.adversary_of(pipe, plan, config.erase)))
+  assert float(robust_metrics['loss']) == float(plain_metrics['loss'])
+  assert all(np.array_equal(robust.trained[k], plain.trained[k]) for k in trained)
+
+  # With search steps the student is trained on another prompt: the step changes.
+  config.erase.adversarial_steps = 2
+  searched, searched_metrics = run(prompts._replace(adversary=attack.adversary_of(pipe, plan, config.erase)))
+  assert np.isfinite(float(searched_metrics['loss'])) and float(searched_metrics['loss']) != float(plain_metrics['loss'])
+
+
+@pytest.mark.parity
+def test_attack_brings_back_a_shallowly_erased_circle_that_an_unoptimised_prefix_does_not(tmp_path):
+  # A deliberately weak erasure: ESD-x (cross-attention only: the UNet still draws circles) erasing the circle from
+  # "a red circle" with the batch erasure's circle recipe (configs/shapes_four_models.csv: η 6, lr 2e-4, 150
+  # iterations; 60 left every red circle).
+  from esd_jax.shapes_world import shallow
+  from esd_jax.commands import weights_overlay
+  from esd_jax.shapes_world.measure import load_judge
+  from esd_jax.train import run_erasure
+
+  config = get_config()
+  config.workdir = str(tmp_path)
+  config.erase.update(concepts=('circle',), erase_from='a red circle', method='esd-x', negative_guidance=6.0)
+  config.train.update(iterations=150, learning_rate=2e-4)
+  result = run_erasure(config, progress=False)
+  pipe, judge = result.pipe, load_judge()
+  weak = weights_overlay(pipe, result.trained)
+  attack_with = lambda steps: attack.run_attack(
+      pipe, [weak], [['a red circle']], range(4), shallow.seed_noise(pipe, range(4)),
+      attack.Budget(steps=steps, objective='classifier'), key=jax.random.key(0), steps=25, judge=judge,
+      concepts=[shallow.judged_concept('circle')])
+  found, control = attack_with(15), attack_with(0)
+  rates, unoptimised = shallow.success(judge, found, ['circle']), shallow.success(judge, control, ['circle'])
+  assert rates['prompt'][0] <= 0.25, rates  # the erasure holds against the prompt as given
+  assert unoptimised['continuous'][0] <= 0.25, unoptimised  # the random prefix alone brings nothing back
+  assert rates['continuous'][0] >= 0.5, rates  # the search does
+  assert found.losses[0, -1] < found.losses[0, 0]
