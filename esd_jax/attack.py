@@ -26,7 +26,7 @@ from flax import nnx
 
 from esd_jax import esd
 from esd_jax.errors import RunError
-from esd_jax.generate import Conditioning, _images, encode_prompts, latent_size
+from esd_jax.generate import Conditioning, _images, encode_prompts, latent_size, overlay_stack
 from esd_jax.models.state_dict import ParamLayout, split_flat
 from esd_jax.pipeline import StableDiffusion
 from esd_jax.schedulers import make_scheduler
@@ -115,14 +115,6 @@ def draw(key: jax.Array, budget: Budget, jobs: int, latent_shape: tuple[int, int
   tokens = jax.random.choice(k_tokens, candidates, (jobs, budget.tokens))
   t = jax.random.randint(k_t, (budget.steps, jobs), 0, num_train_timesteps)
   return Draws(tokens, t, jax.random.normal(k_noise, (budget.steps, jobs, *latent_shape), jnp.float32))
-
-
-def overlay_stack(params: Mapping[str, jax.Array], overlays: Sequence[Mapping[str, jax.Array]]):
-  """(shared, stacked) of models that lay `overlays` over `params` (held layout): what no model changes, and each
-  changed tensor stacked over the models."""
-  varied = sorted(set().union(*overlays))
-  stacked = {k: jnp.stack([jnp.asarray(o.get(k, params[k]), params[k].dtype) for o in overlays]) for k in varied}
-  return {k: v for k, v in params.items() if k not in stacked}, stacked
 
 
 def denoising_loss(unet, context: jax.Array, x0: jax.Array, t: jax.Array, noise: jax.Array,

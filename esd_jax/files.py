@@ -69,6 +69,12 @@ class LazyTensor:
     return f'LazyTensor(shape={self.shape}, dtype={self.dtype})'
 
 
+def tensor_summary(name: str, x) -> bytes:
+  """What a weights fingerprint hashes of one tensor, cheaply: its name, shape, float64 sum and sum of squares."""
+  x = np.asarray(x, np.float64)
+  return f'{name}:{x.shape}:{x.sum():.17g}:{np.square(x).sum():.17g};'.encode()
+
+
 def np_dtype(name: str | None):
   """numpy dtype for an export dtype name (None keeps each tensor's own dtype)."""
   if name is None:

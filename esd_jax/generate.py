@@ -172,6 +172,14 @@ def text_to_image(pipe: StableDiffusion, prompts: Sequence[str], *, negative_pro
                  jnp.float32(eta), key if eta else None, dtype)
 
 
+def overlay_stack(params: Mapping[str, jax.Array], overlays: Sequence[Mapping[str, jax.Array]]):
+  """(shared, stacked) of models that lay `overlays` over `params` (held layout): what no model changes, and each
+  changed tensor stacked over the models (only what some model changes is stacked, once per model)."""
+  varied = sorted(set().union(*overlays))
+  stacked = {k: jnp.stack([jnp.asarray(o.get(k, params[k]), params[k].dtype) for o in overlays]) for k in varied}
+  return {k: v for k, v in params.items() if k not in stacked}, stacked
+
+
 def text_to_image_models(pipe: StableDiffusion, overlays: Sequence[Mapping[str, jax.Array]], prompts: Sequence[str],
                          seeds: Sequence[int], *, negative_prompt: str | None = '', guidance_scale: float = 7.5,
                          num_inference_steps: int = 50, height: int | None = None, width: int | None = None,
@@ -190,9 +198,7 @@ def text_to_image_models(pipe: StableDiffusion, overlays: Sequence[Mapping[str, 
   unknown = sorted(set().union(*overlays) - set(params))
   if unknown:
     raise ValueError(f'text_to_image_models: {unknown[:3]} are not parameters of the UNet.')
-  varied = sorted(set().union(*overlays))  # only what some model changes is stacked, once per model
-  stacked = {k: jnp.stack([jnp.asarray(o.get(k, params[k]), params[k].dtype) for o in overlays]) for k in varied}
-  shared = {k: v for k, v in params.items() if k not in stacked}
+  shared, stacked = overlay_stack(params, overlays)
   sched = make_scheduler(pipe.scheduler_config, scheduler)
   keys, latents = zip(*(_initial_latents(pipe, sched, len(prompts), s, height, width) for s in seeds))
   cond, uncond = _guidance_pair(pipe, prompts, negative_prompt, height, width)

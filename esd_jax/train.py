@@ -32,7 +32,7 @@ from esd_jax.checkpoints import Checkpoints
 from esd_jax.concepts import Concept, ConceptError, by_prompt
 from esd_jax.concepts import of_config as concepts_of
 from esd_jax.errors import RunError
-from esd_jax.files import SafetensorsReader, write_json, write_safetensors
+from esd_jax.files import SafetensorsReader, tensor_summary, write_json, write_safetensors
 from esd_jax.generate import encode_prompts, latent_size
 from esd_jax.loading import load_model
 from esd_jax.log import log
@@ -186,8 +186,7 @@ def _fingerprint(base: dict[str, jax.Array], keys: list[str]) -> str:
   """Identifies the base weights a run trains, cheaply: per trained tensor, its float64 sum and sum of squares."""
   digest = hashlib.sha256()
   for k in keys:
-    x = np.asarray(distributed.gather(base[k]), np.float64)  # one tensor at a time, gathered from every process
-    digest.update(f'{k}:{x.shape}:{x.sum():.17g}:{np.square(x).sum():.17g};'.encode())
+    digest.update(tensor_summary(k, distributed.gather(base[k])))  # one at a time, gathered from every process
   return digest.hexdigest()[:16]
 
 

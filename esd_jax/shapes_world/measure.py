@@ -24,7 +24,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from esd_jax import distributed, images, shapes_world
-from esd_jax.files import atomic_path, write_json
+from esd_jax.files import atomic_path, tensor_summary, write_json
 from esd_jax.shapes_world import classifier as judge
 from esd_jax.shapes_world import world
 from esd_jax.generate import latent_size, text_to_image
@@ -68,8 +68,7 @@ def _fingerprint(pipe: StableDiffusion, prompts: Sequence[str], seeds: Sequence[
   digest = hashlib.sha256()
   for name in ('unet', 'text_encoder', 'vae'):
     for path, leaf in sorted(nnx.to_flat_state(nnx.state(getattr(pipe, name), nnx.Param)), key=lambda kv: str(kv[0])):
-      x = np.asarray(leaf.value, np.float64)
-      digest.update(f'{name}{path}:{x.shape}:{x.sum():.17g}:{np.square(x).sum():.17g};'.encode())
+      digest.update(tensor_summary(f'{name}{path}', leaf.value))
   digest.update(json.dumps([len(pipe.tokenizer), pipe.scheduler_config, list(prompts), list(seeds),
                             dataclasses.astuple(sampling)[:2]], sort_keys=True, default=str).encode())
   return digest.hexdigest()[:20]
