@@ -49,3 +49,11 @@ def model(tmp_path_factory):
       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
   pipe.save_pretrained(str(folder))
   return folder
+
+
+def pytest_collection_modifyitems(items):
+  # The multi-process and parity tests are the suite's longest (minutes each against seconds): run them first, so
+  # that the two xdist workers do not end with one of them alone on one worker while the other idles. Stable sort:
+  # each worker collects the same order, as xdist requires.
+  rank = lambda item: 0 if item.get_closest_marker('multihost') else 1 if item.get_closest_marker('parity') else 2
+  items.sort(key=rank)
