@@ -132,7 +132,8 @@ def get_config() -> ml_collections.ConfigDict:
   # erased model's concept back (UnlearnDiffAtk: `tokens` adversarial tokens after the start token, their embeddings
   # moved by Adam for `steps` steps at `learning_rate` toward `objective`, then projected to the nearest vocabulary
   # tokens), one attack per prompt × seed, all models in one search; the original model is attacked beside them.
-  # Writes workdir/attack/report.json and grid.png.
+  # Writes workdir/attack/report.json and grid.png. The models and attacks lie on the mesh of `mesh` as erase's do:
+  # mesh.concept must divide the models attacked, mesh.data the attacks per model (prompts × seeds).
   config.attack = ml_collections.ConfigDict()
   config.attack.weights = ()  # ESD weights files attacked together; () = this workdir's erasure
   config.attack.concepts = ()  # each weights file's concept; () = the one its metadata names
@@ -147,6 +148,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.attack.objective = 'classifier'
   config.attack.search_steps = 5
   config.attack.seed = 0  # the search's random draws (initial tokens, timesteps, noise)
+  # The search saves its state (workdir/attack/search.safetensors) every this many steps, so that a rerun of the
+  # same attack resumes there instead of searching again: each save costs a host copy of the state.
+  config.attack.checkpoint_every = 10
   config.attack.sample_steps = 50  # DDIM steps of every image drawn (targets, attacks, probes)
   config.attack.guidance_scale = 7.5
   config.attack.classifier = 'shapes-world'  # judges the images (success, probes); '' = search and grid only

@@ -6,7 +6,9 @@ runs it. This is the top layer: it uses the ESD library (train, generate, loadin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -300,43 +302,66 @@ def compare(config: ml_collections.ConfigDict) -> Path:
 def attack(config: ml_collections.ConfigDict) -> dict:
   """Searches, white-box, for prompts that bring each erased model's concept back, attacks the original model beside
   them, and (attack.classifier set) measures the attack's success and the probes of shallow erasure: writes
-  workdir/attack/report.json and grid.png (README "Is it really erased?")."""
+  workdir/attack/report.json and grid.png (README "Is it really erased?"). The models and attacks lie on the mesh of
+  config.mesh as erase's do; the search saves its state every attack.checkpoint_every steps in
+  workdir/attack/search.safetensors, and a rerun resumes from it (a report of these settings is not recomputed)."""
   import jax
 
-  from esd_jax.attack import Budget, run_attack
-  from esd_jax.files import write_json
+  from esd_jax.attack import Budget, Placement, Saved, run_attack
+  from esd_jax.files import parse_json, write_json
   from esd_jax.shapes_world import measure, shallow
+  from esd_jax.sharding import make_mesh
+  from esd_jax.workdir import lock_workdir
 
   settings = config.attack
-  pipe = load_model(config)
-  models = attacked_models(config, pipe)
-  prompts = [list(settings.prompts) or shallow.concept_prompts(concept) for _, _, concept in models]
-  warn_if_cut(pipe.tokenizer, [p for model in prompts for p in model])
-  sampling = dict(steps=settings.sample_steps, guidance_scale=settings.guidance_scale)
-  budget = Budget(settings.steps, settings.tokens, settings.learning_rate, settings.objective, settings.search_steps)
-  key = jax.random.key(settings.seed)
-  if settings.classifier:
-    rows, found = shallow.attack_and_probe(measure.load_judge(settings.classifier), pipe, models, prompts,
-                                           range(settings.seeds), budget, key=key, handoff_steps=settings.handoff,
-                                           guidance=settings.guidance, forms=settings.forms, **sampling)
-  else:  # no judge: the denoise objective (validate.check refused the classifier one), prompts and grid only
+  workdir = Path(config.workdir)
+  out = workdir / 'attack'
+  with lock_workdir(workdir, 'attack') if distributed.is_main() else contextlib.nullcontext():
+    paths = _attacked_files(config)
+    # What the report depends on (weights files by size and time written), through JSON as report.json reads back: a
+    # report of these settings is the answer.
+    asked = json.loads(json.dumps({'model': str(config.model), 'attack': {
+        k: v for k, v in settings.to_dict().items() if k != 'checkpoint_every'}, 'weights': [
+            [str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]}))
+    done = parse_json((out / 'report.json').read_text(), str(out / 'report.json')) if (
+        out / 'report.json').is_file() else {}
+    if done.get('settings') == asked:
+      print(f'Report: {out / "report.json"} (already made with these settings; delete it to make it again)')
+      return done
+    placement = Placement(make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.concept),
+                          config.mesh.min_shard_size)
+    pipe = load_model(config, sharding=placement.param_sharding)
+    models = attacked_models(config, pipe)
+    prompts = [list(settings.prompts) or shallow.concept_prompts(concept) for _, _, concept in models]
+    placement.check(len(models), len(prompts[0]) * settings.seeds)  # before anything is computed
+    warn_if_cut(pipe.tokenizer, [p for model in prompts for p in model])
+    sampling = dict(steps=settings.sample_steps, guidance_scale=settings.guidance_scale)
+    budget = Budget(settings.steps, settings.tokens, settings.learning_rate, settings.objective, settings.search_steps)
+    saved = Saved(out / 'search.safetensors', settings.checkpoint_every, {
+        'model': str(config.model), 'weights': [str(p) for p in paths], 'concepts': [c for _, _, c in models],
+        'classifier': settings.classifier})
+    common = dict(key=jax.random.key(settings.seed), placement=placement, saved=saved, progress=True, **sampling)
     seeds = range(settings.seeds)
-    found = run_attack(pipe, [overlay for _, overlay, _ in models], prompts, seeds, shallow.seed_noise(pipe, seeds),
-                       budget, key=key, **sampling)
-    rows = [{'name': name, 'concept': concept, 'prompts': p, 'found': found.texts[m]}
-            for m, ((name, _, concept), p) in enumerate(zip(models, prompts))]
-  names = [name for name, _, _ in models]
-  report = {'model': str(config.model),
-            'budget': {k: settings[k] for k in ('steps', 'tokens', 'learning_rate', 'objective', 'search_steps')},
-            'seeds': settings.seeds, 'sample_steps': settings.sample_steps,
-            'guidance_scale': settings.guidance_scale, 'models': rows}
-  out = Path(config.workdir) / 'attack'
-  if not distributed.is_main():
-    return report
-  write_json(out / 'report.json', report)
-  grid, labels, columns = shallow.attack_grid(found, names, settings.grid_seeds)
-  path = images.save_grid(out / 'grid.png', grid, row_labels=labels, col_labels=columns,
-                          scale=max(1, 128 // grid[0][0].shape[0]))
+    if settings.classifier:
+      rows, found = shallow.attack_and_probe(measure.load_judge(settings.classifier), pipe, models, prompts, seeds,
+                                             budget, handoff_steps=settings.handoff, guidance=settings.guidance,
+                                             forms=settings.forms, **common)
+    else:  # no judge: the denoise objective (validate.check refused the classifier one), prompts and grid only
+      found = run_attack(pipe, [overlay for _, overlay, _ in models], prompts, seeds, shallow.seed_noise(pipe, seeds),
+                         budget, **common)
+      rows = [{'name': name, 'concept': concept, 'prompts': p, 'found': found.texts[m]}
+              for m, ((name, _, concept), p) in enumerate(zip(models, prompts))]
+    names = [name for name, _, _ in models]
+    report = {'model': str(config.model),
+              'budget': {k: settings[k] for k in ('steps', 'tokens', 'learning_rate', 'objective', 'search_steps')},
+              'seeds': settings.seeds, 'sample_steps': settings.sample_steps,
+              'guidance_scale': settings.guidance_scale, 'models': rows, 'settings': asked}
+    if not distributed.is_main():
+      return report
+    grid, labels, columns = shallow.attack_grid(found, names, settings.grid_seeds)
+    path = images.save_grid(out / 'grid.png', grid, row_labels=labels, col_labels=columns,
+                            scale=max(1, 128 // grid[0][0].shape[0]))
+    write_json(out / 'report.json', report)  # last: a report on disk says the grid is there too
   for row in rows:
     rates = row.get('attack_success')
     shown = '' if rates is None else ('  concept shown: prompt {prompt:.0%}, attacked {continuous:.0%} (continuous), '
@@ -346,22 +371,29 @@ def attack(config: ml_collections.ConfigDict) -> dict:
   return report
 
 
+def _attacked_files(config: ml_collections.ConfigDict) -> list[Path]:
+  """The ESD weights files `attack` attacks: attack.weights, or this workdir's erasure."""
+  paths = [Path(p) for p in config.attack.weights] or [Path(config.workdir) / 'erased' / 'unet_trained.safetensors']
+  for path in paths:
+    if not path.is_file():
+      raise FileNotFoundError(f'{path}: no ESD weights. Run `erase` with this workdir first, or list weights files '
+                              'in --config.attack.weights.')
+  return paths
+
+
 def attacked_models(config: ml_collections.ConfigDict, pipe) -> list[tuple[str, dict, str]]:
   """(name, overlay, concept) of every model `attack` attacks: the original once per concept, then each weights
   file of attack.weights (this workdir's erasure if none)."""
   from convert.esd_weights import read_esd_weights
   from esd_jax.files import parse_json
 
-  paths = list(config.attack.weights) or [Path(config.workdir) / 'erased' / 'unet_trained.safetensors']
+  paths = _attacked_files(config)
   concepts = list(config.attack.concepts)
   if concepts and len(concepts) != len(paths):
     raise validate.ConfigError(f'--config.attack.concepts names {len(concepts)} concepts for {len(paths)} weights '
                                'files: give one per file of --config.attack.weights, or () to read each from its file.')
   erased = []
   for i, path in enumerate(paths):
-    if not Path(path).is_file():
-      raise FileNotFoundError(f'{path}: no ESD weights. Run `erase` with this workdir first, or list weights files '
-                              'in --config.attack.weights.')
     weights = read_esd_weights(path)
     if concepts:
       concept = concepts[i]

@@ -209,6 +209,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     'attack.tokens': _whole(1),
     'attack.learning_rate': _real(0, above=True),
     'attack.seed': _whole(0),
+    'attack.checkpoint_every': _whole(1),
     'attack.objective': _one_of(('classifier', 'denoise')),
     'attack.search_steps': _whole(1),
     'attack.sample_steps': _whole(1),
@@ -271,7 +272,7 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
     'plan': ('model', 'workdir', 'prediction_type', 'attention', *_section('erase'), *_section('train'),
              *_section('mesh'), *_section('plan')),
     'train_world': ('output', *_section('world'), *_section('classifier')),
-    'attack': (*_LOAD, *_section('attack')),
+    'attack': (*_LOAD, *_section('attack'), *_section('mesh')),
     # the forms' defaults (erase, generate, export, evaluate) are checked when a form is submitted
     'serve': (*_LOAD, *_section('serve'), 'mesh.distributed'),
 }
@@ -410,7 +411,8 @@ def _attack_files(config) -> None:
   if name == '' and _get(config, 'attack.objective') == 'classifier':
     raise _fail('attack.objective', 'classifier', "'denoise' with --config.attack.classifier='' (the classifier "
                                                   'objective needs a judge: set attack.classifier to one)')
-  if any(k > _get(config, 'attack.sample_steps') for k in _get(config, 'attack.handoff')):
+  # The probes (handoff among them) run only where a judge says what came back.
+  if name and any(k > _get(config, 'attack.sample_steps') for k in _get(config, 'attack.handoff')):
     raise _fail('attack.handoff', _get(config, 'attack.handoff'),
                 f'DDIM steps ≤ --config.attack.sample_steps={_get(config, "attack.sample_steps")}')
 
@@ -424,7 +426,7 @@ RELATIONS: dict[str, tuple[Callable[[Any], None], ...]] = {
     'erase': (_sampler, _mesh, _patterns, _separate, _concepts, _classifier_folder, _adversarial),
     'dry_run': (_patterns,),
     'plan': (_sampler, _mesh, _patterns, _separate, _concepts, _adversarial),
-    'attack': (_attack_files,),
+    'attack': (_mesh, _attack_files),
     'evaluate': (_evaluate_classifier, _classifier_folder, _weights_file, _diffusers_backend),
     'export': (_weights_file,),
     'compare': (_weights_file,),

@@ -1,8 +1,11 @@
 """The attack and robust erasure (esd_jax/attack.py, esd.Adversary): the attack's gradient against the PyTorch
-reference (tests/torch_attack.py), robust erasure with no search steps is plain ESD to the bit, and on the shapes
+reference (tests/torch_attack.py), robust erasure with no search steps is plain ESD to the bit, the `attack` command
+resumes an interrupted search to the bit and on a mesh of 8 devices finds what one device finds, and on the shapes
 world the attack brings a shallowly erased circle back where the unattacked prompt and an unoptimised prefix do not."""
 
 import functools
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,13 +13,16 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
-from esd_jax import attack, esd
+from esd_jax import attack, commands, esd
+from esd_jax.errors import RunError
+from esd_jax.files import SafetensorsReader, write_safetensors
 from esd_jax.loading import load_model
 from esd_jax.methods import trained_keys
 from esd_jax.models.state_dict import split_flat
 from esd_jax.schedulers import make_scheduler
 from esd_jax.train import encode_concepts, plan_run
 from tests import torch_attack
+from tests.multihost import main_py
 from tests.reference import rel_err
 
 
@@ -107,6 +113,87 @@ def test_robust_step_without_search_steps_is_plain_esd(model):
   config.erase.adversarial_steps = 2
   searched, searched_metrics = run(prompts._replace(adversary=attack.adversary_of(pipe, plan, config.erase)))
   assert np.isfinite(float(searched_metrics['loss'])) and float(searched_metrics['loss']) != float(plain_metrics['loss'])
+
+
+# The `attack` command on the tiny model: four models (the original for "cat" and for "dog", and two weights files that
+# move one cross-attention tensor), each attacked on "a cat" from 2 seeds (the denoise objective, no judge), 4 search
+# steps saved every 2.
+ATTACK = dict(concepts=('cat', 'dog'), prompts=('a cat',), classifier='', objective='denoise', seeds=2, steps=4,
+              checkpoint_every=2, tokens=1, sample_steps=2, grid_seeds=1)
+
+
+def _weights(model, folder: Path) -> list[Path]:
+  """Two ESD weights files (the authors' 2025 format: the changed tensors, diffusers keys) for the tiny model."""
+  key = 'down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight'
+  with SafetensorsReader(model / 'unet' / 'diffusion_pytorch_model.safetensors') as unet:
+    base = unet[key]()
+  rng = np.random.default_rng(0)
+  paths = [folder / f'w{i}' / 'unet_trained.safetensors' for i in range(2)]
+  for path in paths:
+    write_safetensors(path, {key: base + 0.1 * rng.standard_normal(base.shape).astype(np.float32)})
+  return paths
+
+
+def _attack_config(model, workdir, weights, **changes):
+  config = get_config()
+  config.model, config.workdir = str(model), str(workdir)
+  config.attack.update(dict(ATTACK, weights=tuple(map(str, weights)), **changes))
+  return config
+
+
+def _found(workdir) -> tuple[dict[str, np.ndarray], list]:
+  """The saved search's tensors (state and losses) and the report's prompts found."""
+  with SafetensorsReader(Path(workdir) / 'attack' / 'search.safetensors') as saved:
+    tensors = {k: v() for k, v in saved.items()}
+  report = json.loads((Path(workdir) / 'attack' / 'report.json').read_text())
+  return tensors, [row['found'] for row in report['models']]
+
+
+@pytest.fixture(scope='module')
+def attacked(model, tmp_path_factory):
+  """(weights files, the workdir of the command run uninterrupted)."""
+  folder = tmp_path_factory.mktemp('attack')
+  weights = _weights(model, folder)
+  commands.attack(_attack_config(model, folder / 'whole', weights))
+  return weights, folder / 'whole'
+
+
+def test_an_interrupted_attack_resumes_to_the_bit_and_refuses_other_settings(model, attacked, tmp_path, monkeypatch):
+  weights, whole = attacked
+  # Interrupted after its first chunk: a search of 2 steps, saved, then the same attack with 4 resumes from it.
+  commands.attack(_attack_config(model, tmp_path, weights, steps=2))
+  assert _found(tmp_path)[0]['losses'].shape == (4, 2)
+  commands.attack(_attack_config(model, tmp_path, weights))
+  (resumed, resumed_texts), (want, want_texts) = _found(tmp_path), _found(whole)
+  assert sorted(resumed) == sorted(want) and resumed_texts == want_texts
+  assert all(np.array_equal(resumed[k], want[k]) for k in want), [k for k in want if not np.array_equal(resumed[k], want[k])]
+
+  # A finished attack's report is the answer: nothing is loaded or searched again.
+  monkeypatch.setattr(commands, 'load_model', lambda *a, **k: pytest.fail('a finished attack was run again'))
+  assert commands.attack(_attack_config(model, tmp_path, weights))['models'][0]['found'] == want_texts[0]
+  monkeypatch.undo()
+  # Other settings do not mix with the saved search.
+  with pytest.raises(RunError, match=r'different attack \(key: .*use another --config\.workdir, or delete'):
+    commands.attack(_attack_config(model, tmp_path, weights, seed=1))
+  with pytest.raises(RunError, match=r'search of 4 steps, more than attack\.steps = 2'):
+    commands.attack(_attack_config(model, tmp_path, weights, steps=2))
+
+
+def test_the_attack_on_a_mesh_of_eight_devices_finds_what_one_device_finds(model, attacked, tmp_path):
+  weights, whole = attacked
+  flags = [f'--config.attack.{k}={v}' if isinstance(v, str) else f'--config.attack.{k}={v!r}'
+           for k, v in dict(ATTACK, weights=tuple(map(str, weights))).items()]
+  # concept 2 × data 2 × fsdp 2: two models and one attack per device, tensors of 1024 elements or more split in two.
+  mesh = ['--config.mesh.concept=2', '--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.mesh.min_shard_size=1024']
+  run = main_py(['attack', f'--config.model={model}', f'--config.workdir={tmp_path}', *flags, *mesh], devices=8,
+                cwd=tmp_path)
+  assert 'attack: 4 models × 2 attacks on mesh concept 2 × data 2 × fsdp 2, 2 × 1 per device' in run.stderr, run.stderr
+  (sharded, texts), (want, want_texts) = _found(tmp_path), _found(whole)
+  assert texts == want_texts
+  # The fsdp split and the data split change the order of float32 sums (a sharded matmul's partial sums, the
+  # loss's sum over attacks): each step's numbers move by a few float32 ulps, which 4 Adam steps keep near that.
+  for k in want:
+    np.testing.assert_allclose(sharded[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
 @pytest.mark.parity

@@ -165,6 +165,7 @@ RELATED = [
     ('export', dict(export__weights='/no/such/w.safetensors'), 'export.weights', 'no file'),
     ('compare', dict(export__weights='/no/such/w.pt'), 'export.weights', 'no file'),
     ('serve', dict(mesh__distributed=True), 'mesh.distributed', 'one process'),
+    ('attack', dict(attack__sample_steps=2), 'attack.handoff', 'DDIM steps ≤ --config.attack.sample_steps=2'),
 ]
 
 
@@ -185,6 +186,9 @@ def test_related_fields_that_agree_pass(tmp_path):
   check(with_fields(load('default'), erase__method='patterns', erase__patterns=('attn2',)), 'erase')
   check(with_fields(load('default'), mesh__data=2, mesh__fsdp=-1), 'erase')
   check(with_fields(load('default'), erase__separate_models=True, train__shared_timesteps=True), 'erase')
+  # Without a judge no probe runs: the handoff steps are not checked against the sampler's.
+  check(with_fields(load('default'), attack__sample_steps=2, attack__classifier='', attack__objective='denoise'),
+        'attack')
 
 
 def test_bad_concepts_file_is_refused_with_its_line(tmp_path):

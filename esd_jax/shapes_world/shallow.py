@@ -20,9 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
-from esd_jax.attack import Attack, Budget, run_attack
-from esd_jax.generate import _images, encode_prompts, latent_size, text_to_image_models
+from esd_jax import distributed
+from esd_jax.attack import Attack, Budget, Placement, Saved, run_attack
+from esd_jax.generate import Conditioning, _images, encode_prompts, latent_size, overlay_stack, text_to_image_models
 from esd_jax.models.state_dict import ParamLayout, split_flat
 from esd_jax.pipeline import StableDiffusion
 from esd_jax.schedulers import make_scheduler
@@ -60,33 +62,51 @@ def success(judge, attack: Attack, concepts: Sequence[str]) -> dict[str, np.ndar
           for kind, images in attack.images.items()}
 
 
-@functools.partial(jax.jit, static_argnames=('layout', 'vae_def', 'scheduler', 'steps'))
-def _handoff(layout: ParamLayout, params, overlay, vae_def, vae_params, scheduler, steps: int, latents, cond, uncond,
-             guidance, k):
-  """Images from `latents`: the original UNet for sampler steps 0 … k−1, the erased one (overlay) from step k."""
-  original, erased = layout.module(params), layout.module({**params, **overlay})
+@functools.partial(jax.jit, static_argnames=('layout', 'vae_def', 'scheduler', 'steps', 'models'))
+def _handoff(layout: ParamLayout, params, stacked, vae_def, vae_params, scheduler, steps: int, models: int, latents,
+             context, uncond, guidance, k):
+  """Images (M, J, …) from `latents` (J, …): the original UNet for sampler steps 0 … k−1, then model m's (params
+  with stacked[·][m] laid over them), each model conditioned on its own context[m] (J, L, D)."""
+  original = layout.module(params)
   # Sampler step i runs at timestep(i), decreasing in i: steps before k are those above step k's timestep.
   switch = jnp.where(k < steps, scheduler.timestep(jnp.minimum(k, steps - 1), steps), -1)
-  unet = lambda x, t, context, added: jax.lax.cond(t > switch, original, erased, x, t, context, added)
-  return _images(unet, nnx.merge(vae_def, vae_params), scheduler, steps, latents, cond, uncond, guidance, 0.0, None,
-                 jnp.float32)[0]
+
+  def one_model(overlay, context):
+    erased = layout.module({**params, **overlay})
+    unet = lambda x, t, context, added: jax.lax.cond(t > switch, original, erased, x, t, context, added)
+    return _images(unet, nnx.merge(vae_def, vae_params), scheduler, steps, latents, Conditioning(context), uncond,
+                   guidance, 0.0, None, jnp.float32)[0]
+  return jax.vmap(one_model, axis_size=models)(stacked, context)
 
 
-def handoff(judge, pipe: StableDiffusion, overlay: Mapping[str, jax.Array], concept: str, prompts: Sequence[str],
-            seeds: Sequence[int], ks: Sequence[int], *, steps: int = 50, guidance_scale: float = 7.5) -> dict[int, float]:
-  """{k: share of prompts × seeds showing the concept} when the original model denoises to step k and the erased
-  model (`overlay`, held layout) finishes; k = 0 is the erased model alone, k = steps the original alone."""
+def handoff(judge, pipe: StableDiffusion, overlays: Sequence[Mapping[str, jax.Array]], concepts: Sequence[str],
+            prompts: Sequence[Sequence[str]], seeds: Sequence[int], ks: Sequence[int], *, steps: int = 50,
+            guidance_scale: float = 7.5, placement: Placement | None = None, progress: bool = False
+            ) -> list[dict[int, float]]:
+  """Per model m (`overlays[m]`, held layout), {k: share of its prompts[m] × seeds showing concepts[m]} when the
+  original model denoises to step k and model m finishes; k = 0 is model m alone, k = steps the original alone. All
+  models in one jitted batch per k, placed as the attack places them."""
+  place = placement or Placement.one_device()
+  models, jobs = len(overlays), len(prompts[0]) * len(seeds)
+  place.check(models, jobs)
   layout, params = split_flat(pipe.unet)
+  params = place.params(params)
+  stacked = place.stacked(overlay_stack(params, overlays)[1])
   vae_def, vae_params = nnx.split(pipe.vae)
+  vae_params = place.params(vae_params)
   scheduler = make_scheduler(pipe.scheduler_config, 'ddim')
-  latents = jnp.tile(jnp.asarray(seed_noise(pipe, seeds)), (len(prompts), 1, 1, 1))
-  texts = [p for p in prompts for _ in seeds]
-  cond, uncond = encode_prompts(pipe, texts), encode_prompts(pipe, [''] * len(texts))
-  rates = {}
-  for k in ks:
-    images = _handoff(layout, params, dict(overlay), vae_def, vae_params, scheduler, steps, latents, cond, uncond,
-                      jnp.float32(guidance_scale), jnp.int32(k))
-    rates[int(k)] = float(shown(judge, np.asarray(images), concept).mean())
+  latents = place.batch(jnp.tile(jnp.asarray(seed_noise(pipe, seeds)), (len(prompts[0]), 1, 1, 1)))
+  texts = [p for model in prompts for p in model for _ in seeds]
+  context = encode_prompts(pipe, texts).context
+  context = place.attacks(context.reshape(models, jobs, *context.shape[1:]))
+  uncond = Conditioning(place.batch(encode_prompts(pipe, [''] * jobs).context))
+  rates = [{} for _ in overlays]
+  for k in tqdm(ks, desc='handoff', unit='k', leave=False, disable=not (progress and distributed.is_main())):
+    images = _handoff(layout, params, stacked, vae_def, vae_params, scheduler, steps, models, latents,
+                      context, uncond, jnp.float32(guidance_scale), jnp.int32(k))
+    images = np.asarray(distributed.gather(images))
+    for m, concept in enumerate(concepts):
+      rates[m][int(k)] = float(shown(judge, images[m], concept).mean())
   return rates
 
 
@@ -116,33 +136,46 @@ def judged_concept(concept: str) -> tuple[int, int]:
 def attack_and_probe(judge, pipe: StableDiffusion, models: Sequence[tuple[str, Mapping[str, jax.Array], str]],
                      prompts: Sequence[Sequence[str]], seeds: Sequence[int], budget: Budget, *, key: jax.Array,
                      handoff_steps: Sequence[int], guidance: Sequence[float], forms: Sequence[str] = (),
-                     steps: int = 50, guidance_scale: float = 7.5) -> tuple[list[dict], Attack]:
-  """Attacks every model (name, overlay, concept) on its prompts × seeds in one search (run_attack; the classifier
-  objective maximises this judge's view of each model's concept) and returns depth_report's rows and the attack."""
+                     steps: int = 50, guidance_scale: float = 7.5, placement: Placement | None = None,
+                     saved: Saved | None = None, progress: bool = False) -> tuple[list[dict], Attack]:
+  """Attacks every model (name, overlay, concept) on its prompts × seeds in one search (run_attack, with `placement`,
+  `saved` and `progress`; the classifier objective maximises this judge's view of each model's concept) and returns
+  depth_report's rows and the attack."""
   for _, _, concept in models:
     shown(judge, np.ones((1, 64, 64, 3), np.float32), concept)  # refuses a concept the judge cannot tell, up front
   found = run_attack(pipe, [dict(o) for _, o, _ in models], prompts, seeds, seed_noise(pipe, seeds), budget, key=key,
                      steps=steps, guidance_scale=guidance_scale, judge=judge,
-                     concepts=[judged_concept(c) for _, _, c in models])
+                     concepts=[judged_concept(c) for _, _, c in models], placement=placement, saved=saved,
+                     progress=progress)
   return depth_report(judge, pipe, models, found, handoff_steps=handoff_steps, guidance=guidance, forms=forms,
-                      steps=steps, guidance_scale=guidance_scale), found
+                      steps=steps, guidance_scale=guidance_scale, placement=placement, progress=progress), found
 
 
 def depth_report(judge, pipe: StableDiffusion, models: Sequence[tuple[str, Mapping[str, jax.Array], str]],
                  attack: Attack, *, handoff_steps: Sequence[int], guidance: Sequence[float],
-                 forms: Sequence[str] = (), steps: int = 50, guidance_scale: float = 7.5) -> list[dict]:
+                 forms: Sequence[str] = (), steps: int = 50, guidance_scale: float = 7.5,
+                 placement: Placement | None = None, progress: bool = False) -> list[dict]:
   """Per model (name, overlay, concept), attacked in `attack` (in this order): the attack success rates, the prompts
-  found, the search's loss, and the three probes on its concept's prompts (forms: `forms`, or default_forms)."""
+  found, the search's loss, and the three probes on its concept's prompts (forms: `forms`, or default_forms), each
+  probe's models in one jitted batch. `progress`: a bar over the probes (process 0's)."""
   concepts = [c for _, _, c in models]
   overlays = [dict(o) for _, o, _ in models]
   rates = success(judge, attack, concepts)
   seeds = attack.seeds
-  at = {g: under_prompts(judge, pipe, overlays, concepts, attack.prompts, seeds, steps=steps, guidance_scale=g)
-        for g in guidance}
-  worded = under_prompts(judge, pipe, overlays, concepts, [list(forms) or default_forms(c) for c in concepts], seeds,
-                         steps=steps, guidance_scale=guidance_scale)
+  with tqdm(total=len(guidance) + 2, desc='probes', unit='probe', disable=not (progress and distributed.is_main())
+            ) as bar:
+    at = {}
+    for g in guidance:
+      at[g] = under_prompts(judge, pipe, overlays, concepts, attack.prompts, seeds, steps=steps, guidance_scale=g)
+      bar.update()
+    worded = under_prompts(judge, pipe, overlays, concepts, [list(forms) or default_forms(c) for c in concepts],
+                           seeds, steps=steps, guidance_scale=guidance_scale)
+    bar.update()
+    handed = handoff(judge, pipe, overlays, concepts, attack.prompts, seeds, handoff_steps, steps=steps,
+                     guidance_scale=guidance_scale, placement=placement, progress=progress)
+    bar.update()
   report = []
-  for m, (name, overlay, concept) in enumerate(models):
+  for m, (name, _, concept) in enumerate(models):
     found = {}
     for text in attack.texts[m]:
       found[text] = found.get(text, 0) + 1
@@ -150,9 +183,10 @@ def depth_report(judge, pipe: StableDiffusion, models: Sequence[tuple[str, Mappi
         'name': name, 'concept': concept, 'prompts': attack.prompts[m],
         'attack_success': {kind: float(r[m]) for kind, r in rates.items()},
         'found': dict(sorted(found.items(), key=lambda kv: -kv[1])),
-        'search_loss': {'first': float(attack.losses[m, 0]), 'last': float(attack.losses[m, -1])},
-        'handoff': handoff(judge, pipe, overlay, concept, attack.prompts[m], seeds, handoff_steps, steps=steps,
-                           guidance_scale=guidance_scale),
+        # None for a search of no steps (the unoptimised prefix)
+        'search_loss': {'first': float(attack.losses[m, 0]), 'last': float(attack.losses[m, -1])}
+                       if attack.losses.shape[1] else None,
+        'handoff': handed[m],
         'guidance': {str(g): float(np.mean(list(at[g][m].values()))) for g in guidance},
         'forms': worded[m]})
   return report
