@@ -103,9 +103,13 @@ def _flops(analysis) -> float:
 def unet_forwards(setup: train.Setup, n_models: int, batch: int, steps: float) -> float:
   """Single-latent UNet forwards of one iteration for a sampler of `steps` steps: the guided sampler runs each step
   on 2 × batch latents, the frozen model its 2 (3 with erase_from) conditionings, and the student's forward and
-  backward count as about three forwards; for every model."""
-  frozen = 2 + (setup.prompts.student is not None)
-  return n_models * batch * (2 * steps + frozen + 3)
+  backward count as about three forwards; for every model. With retain prompts each latent has a retain twin that
+  the sampler, the frozen model (once) and the student see too. Robust erasure's inner search is not counted (the
+  plan compiles the step without it: README "Is it really erased?")."""
+  retain = setup.prompts.retain is not None
+  latents = 1 + retain
+  frozen = 2 + (setup.prompts.student is not None) + retain
+  return n_models * batch * (2 * steps * latents + frozen + 3 * latents)
 
 
 def step_cost(config: ml_collections.ConfigDict) -> dict[str, Any]:
