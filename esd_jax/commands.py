@@ -331,7 +331,7 @@ def attack(config: ml_collections.ConfigDict) -> dict:
     placement = Placement(make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.concept),
                           config.mesh.min_shard_size)
     pipe = load_model(config, sharding=placement.param_sharding)
-    models = attacked_models(config, pipe)
+    models = attacked_models(config, pipe, paths)
     prompts = [list(settings.prompts) or shallow.concept_prompts(concept) for _, _, concept in models]
     placement.check(len(models), len(prompts[0]) * settings.seeds)  # before anything is computed
     warn_if_cut(pipe.tokenizer, [p for model in prompts for p in model])
@@ -381,13 +381,12 @@ def _attacked_files(config: ml_collections.ConfigDict) -> list[Path]:
   return paths
 
 
-def attacked_models(config: ml_collections.ConfigDict, pipe) -> list[tuple[str, dict, str]]:
+def attacked_models(config: ml_collections.ConfigDict, pipe, paths: list[Path]) -> list[tuple[str, dict, str]]:
   """(name, overlay, concept) of every model `attack` attacks: the original once per concept, then each weights
-  file of attack.weights (this workdir's erasure if none)."""
+  file of `paths` (_attacked_files)."""
   from convert.esd_weights import read_esd_weights
   from esd_jax.files import parse_json
 
-  paths = _attacked_files(config)
   concepts = list(config.attack.concepts)
   if concepts and len(concepts) != len(paths):
     raise validate.ConfigError(f'--config.attack.concepts names {len(concepts)} concepts for {len(paths)} weights '
