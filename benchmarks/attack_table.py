@@ -63,7 +63,6 @@ def erased_models(name: str, pipe) -> list[tuple[str, dict, str]]:
   if not any(folder.rglob('unet_trained.safetensors')):
     commands.run('erase', config)
   paths = sorted(folder.rglob('unet_trained.safetensors'))
-  config.attack.weights = tuple(map(str, paths))
   if config.erase.separate_models:  # a batch erasure's metadata names every model's concept: its folder names one
     config.attack.concepts = tuple(p.parent.name.split('-', 1)[1] for p in paths)
   return [m for m in commands.attacked_models(config, pipe, paths) if m[0] != 'original']
