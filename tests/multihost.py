@@ -19,8 +19,18 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+# The subprocesses the tests start run a few short iterations of the tiny model: compiling is most of their time.
+# LLVM at -O0 compiles the tiny ESD-u step in 28 s instead of 38 and runs it 4× slower (0.55 s an iteration instead of
+# 0.12); the two-process kill-and-resume test takes 183 s instead of 242 alone. XLA's HLO passes are the same at every
+# level, but LLVM's may round a fused multiply-add differently: a test that compares a subprocess's numbers with
+# in-process ones does so within a tolerance (as it must anyway for sharded sums).
+XLA_FLAGS = '--xla_backend_optimization_level=0'
+
+
 def env(devices: int) -> dict:
-  return {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'JAX_PLATFORMS': 'cpu'}
+  """A subprocess's environment: `devices` emulated CPU devices, compiled for compile time (XLA_FLAGS)."""
+  return {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices} {XLA_FLAGS}',
+          'JAX_PLATFORMS': 'cpu'}
 
 
 def main_py(args, *, devices: int, cwd, timeout: float = 600) -> subprocess.CompletedProcess:

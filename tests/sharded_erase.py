@@ -10,13 +10,14 @@ import os
 import sys
 
 devices, data, fsdp, model, workdir, out, *concept = sys.argv[1:]
-os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'  # before jax is imported
-os.environ['JAX_PLATFORMS'] = 'cpu'
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.multihost import env  # noqa: E402
+
+os.environ.update(env(int(devices)))  # before jax is imported
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs.default import get_config  # noqa: E402
 from esd_jax.train import run_erasure  # noqa: E402
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.multihost import env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -14,7 +16,7 @@ def test_device_benchmark_smoke(tmp_path):
   result = subprocess.run(
       [sys.executable, str(ROOT / 'benchmarks' / 'device.py'), '--small', '--dtype', 'float32', '--reps', '1',
        '--cases', 'esd-x:1:2', 'esd-u:1:1', '--budget-s', '0.001', '--json', str(out)],
-      cwd=tmp_path, capture_output=True, text=True, timeout=900)
+      cwd=tmp_path, env=env(1), capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out.read_text())
   done, skipped = report['rows'][0], report['rows'][1:]
