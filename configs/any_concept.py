@@ -3,12 +3,14 @@
     python main.py --config=configs/any_concept.py --config.erase.concepts="('square',)"
 
 ESD-x (cross-attention keys and values only) erasing the concept from each "a {colour} {shape}" prompt that names
-it (erase_from='auto'), with the retain loss on the world's prompts that do not name it (preserve='auto') and
+it (erase_from='auto'), with the retain loss (λ 10) on the world's prompts that do not name it (preserve='auto') and
 erase-until: every 25 iterations a probe (16 seeds × the 16 prompts, 25 DDIM steps, judged by the classifier) measures
-the model being trained, and the run stops as soon as the concept is shown in ≤ 5 % of the probe's images with no
-other shape's or colour's accuracy down by more than 3 points; otherwise it exports the best model it measured after
-train.iterations. README "Erasing any concept" has what each setting did and `python benchmarks/any_concept.py`
-runs it over the 8 concepts × 3 seeds.
+the model being trained, and the run stops as soon as the concept is shown in ≤ 2.5 % of the probe's images with no
+other shape's or colour's accuracy down by more than 2.5 points; otherwise it exports the best model it measured
+after train.iterations. The stopping thresholds sit inside the criteria the erasure is judged by (≤ 5 % shown,
+≤ 3 points lost, on 64 seeds): stopped at the first reading under the criteria themselves, a run stops where the
+probe's chance error leans its way, and the final measurement lands on the threshold. README "Erasing any concept"
+has what each setting did and `python benchmarks/any_concept.py` runs it over the 8 concepts × 3 seeds.
 """
 
 from configs.default import get_config as default_config
@@ -24,11 +26,14 @@ def get_config():
   with config.ignore_type():  # tuples of prompts by default; 'auto': the shapes world's
     config.erase.erase_from = 'auto'
     config.erase.preserve = 'auto'
-  config.erase.preserve_weight = 3.0
+  # λ 3 lost 4.3 points of circle erasing cross, λ 10 none (and kept red's shapes: 92 % against 2 % at λ 1).
+  config.erase.preserve_weight = 10.0
   config.probe.every = 25
   # 8 seeds give 24–32 images of each other concept, so one flipped image is 3–4 points, too coarse for the 3-point
   # criterion; with 16, one image is 1.6–2.1 points. More probe seeds did not move where cross stops (64 stop at the
   # same reading): README "Erasing any concept".
   config.probe.seeds = 16
+  config.probe.max_shown = 0.025  # at most 1 of the concept's 64 probe images
+  config.probe.max_drop = 0.025  # at most 1 image of any other concept's 48–64
   config.evaluate.seeds = 64  # the issue's measurement
   return config
