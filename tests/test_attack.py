@@ -62,6 +62,17 @@ def test_bad_attack_settings_are_refused_naming_the_fix():
     attack.prefixed(tokenizer, ['a red circle'], 4)
 
 
+def _adversarial_embeds(pipe, prompts, rng):
+  """(ids, slots, the text encoder's layout and parameters, word embeddings) of `prompts` with 2 adversarial tokens
+  each: random candidate tokens, their embeddings moved off the vocabulary's rows as the search moves them."""
+  ids, slots = attack.prefixed(pipe.tokenizer, prompts, 2)
+  text_layout, encoder = split_flat(pipe.text_encoder)
+  table = np.asarray(encoder[esd.TOKEN_EMBEDDING])
+  ids[slots > 0] = rng.choice(attack.candidate_tokens(pipe.tokenizer, len(table)), int(slots.sum()))
+  embeds = (table[ids] + slots[..., None] * rng.standard_normal(table[ids].shape)).astype(np.float32)
+  return ids, slots, text_layout, encoder, embeds
+
+
 @pytest.mark.parity
 def test_attack_gradient_matches_pytorch(model):
   from diffusers import StableDiffusionPipeline
@@ -69,12 +80,7 @@ def test_attack_gradient_matches_pytorch(model):
   pipe = load_model(_config(model))
   ref = StableDiffusionPipeline.from_pretrained(str(model))
   rng = np.random.default_rng(0)
-  ids, slots = attack.prefixed(pipe.tokenizer, ['a photo of a cat', 'a dog'], 2)
-  text_layout, encoder = split_flat(pipe.text_encoder)
-  table = np.asarray(encoder[esd.TOKEN_EMBEDDING])
-  ids[slots > 0] = rng.choice(attack.candidate_tokens(pipe.tokenizer, len(table)), int(slots.sum()))
-  # Continuous embeddings off the vocabulary's rows, as the search makes them.
-  embeds = (table[ids] + slots[..., None] * rng.standard_normal(table[ids].shape)).astype(np.float32)
+  ids, slots, text_layout, encoder, embeds = _adversarial_embeds(pipe, ['a photo of a cat', 'a dog'], rng)
   x0, noise = (rng.standard_normal((2, 16, 16, 4)).astype(np.float32) for _ in range(2))
   t = np.asarray([437, 91])  # one timestep per image, as the search draws them
   scheduler = make_scheduler(pipe.scheduler_config, 'ddim')
@@ -106,11 +112,7 @@ def test_classifier_objective_gradient_matches_pytorch(model):
   ref = StableDiffusionPipeline.from_pretrained(str(model))
   judge = classifier.build_classifier(classifier.JUDGE, seed=3)
   rng = np.random.default_rng(1)
-  ids, slots = attack.prefixed(pipe.tokenizer, ['a red circle', 'a dog'], 2)
-  text_layout, encoder = split_flat(pipe.text_encoder)
-  table = np.asarray(encoder[esd.TOKEN_EMBEDDING])
-  ids[slots > 0] = rng.choice(attack.candidate_tokens(pipe.tokenizer, len(table)), int(slots.sum()))
-  embeds = (table[ids] + slots[..., None] * rng.standard_normal(table[ids].shape)).astype(np.float32)
+  ids, slots, text_layout, encoder, embeds = _adversarial_embeds(pipe, ['a red circle', 'a dog'], rng)
   latents = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
   steps, guidance, head, label = 3, 3.0, 0, 2
   layout, params = split_flat(pipe.unet)
