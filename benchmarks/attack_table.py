@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from configs import default, shapes_colour, shapes_four_models  # noqa: E402
+from configs import any_concept, default, shapes_colour, shapes_four_models  # noqa: E402
 from esd_jax import commands  # noqa: E402
 from esd_jax.attack import Budget  # noqa: E402
 from esd_jax.generate import text_to_image_models  # noqa: E402
@@ -43,6 +43,13 @@ def _circle(**erase):
   return config
 
 
+def _any_circle(**erase):
+  """configs/any_concept.py on "circle", with `erase` fields changed."""
+  config = any_concept.get_config()
+  config.erase.update(concepts=('circle',), **erase)
+  return config
+
+
 # Point 1: the erasures the project ships. Point 2: the default recipe with the retain loss, and with robust erasure.
 ERASURES = {
     'default': _circle,
@@ -50,6 +57,10 @@ ERASURES = {
     'four-models': shapes_four_models.get_config,
     'circle-retain': lambda: _circle(preserve='auto', preserve_weight=1.0),
     'circle-robust': lambda: _circle(preserve='auto', preserve_weight=1.0, adversarial=True),
+    # Issue 14's procedure (ESD-x from the concept's prompts, retain λ 10, erase-until), without and with robust
+    # erasure: it keeps the other concepts, but it edits cross-attention only, which the attack undoes elsewhere.
+    'any-circle': _any_circle,
+    'any-circle-robust': lambda: _any_circle(adversarial=True),
 }
 
 
@@ -58,7 +69,12 @@ def erased_models(name: str, pipe) -> list[tuple[str, dict, str]]:
   config = ERASURES[name]()
   config.workdir = str(WORKDIR / name)
   config.export.formats = ('trained',)
-  config.evaluate.classifier = ''  # measured below, on the attack's seeds
+  # Measured below, on the attack's seeds. Erase-until's probe needs the judge, which also makes erase measure its
+  # result: on one seed, then.
+  if config.probe.every:
+    config.evaluate.seeds = config.evaluate.grid_seeds = 1
+  else:
+    config.evaluate.classifier = ''
   folder = Path(config.workdir) / 'erased'
   if not any(folder.rglob('unet_trained.safetensors')):
     commands.run('erase', config)
