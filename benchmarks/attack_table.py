@@ -35,19 +35,22 @@ WORKDIR = ROOT / 'outputs' / 'attack'
 ITERATIONS = 200  # the default recipe's; point 2's rows all train this long
 
 
-def _circle(**erase):
-  """The default recipe (ESD-u "circle", η 3, lr 5e-5, 200 iterations) with `erase` fields changed."""
-  config = default.get_config()
+def _changed(get_config, **erase):
+  """The config `get_config` returns with `erase` fields changed."""
+  config = get_config()
   with config.ignore_type():
     config.erase.update(erase)
   return config
 
 
+def _circle(**erase):
+  """The default recipe (ESD-u "circle", η 3, lr 5e-5, 200 iterations) with `erase` fields changed."""
+  return _changed(default.get_config, **erase)
+
+
 def _any_circle(**erase):
   """configs/any_concept.py on "circle", with `erase` fields changed."""
-  config = any_concept.get_config()
-  config.erase.update(concepts=('circle',), **erase)
-  return config
+  return _changed(any_concept.get_config, concepts=('circle',), **erase)
 
 
 # Point 1: the erasures the project ships. Point 2: the default recipe with the retain loss, and with robust erasure.

@@ -123,7 +123,7 @@ def test_classifier_objective_gradient_matches_pytorch(model):
       jnp.asarray([head, label]))
   loss, grad = jax.jit(jax.value_and_grad(loss_fn))(jnp.asarray(embeds))
 
-  twin = torch_attack.ShapesClassifier(state_dict(judge), judge.config['norm_num_groups'])
+  twin = torch_attack.ShapesClassifier(judge.config, state_dict(judge))
   uncond_ids = ref.tokenizer(['', ''], padding='max_length', max_length=ref.tokenizer.model_max_length).input_ids
   want = torch_attack.judged_loss_and_grad(
       ref.text_encoder, ref.unet, ref.vae, ref.scheduler, twin, ids=ids, slots=slots > 0, adversarial=embeds,

@@ -47,14 +47,15 @@ def _loss_and_grad(text_encoder, unet, alphas_cumprod, ids, slots, adversarial, 
 class ShapesClassifier(torch.nn.Module):
   """esd_jax/shapes_world/classifier.py's ShapesClassifier, from its description: stride-2 conv blocks (conv →
   GroupNorm → SiLU) on images mapped to [-1, 1], mean- and max-pooled, a hidden layer, two heads. Loads that
-  model's state dict (the same keys and torch layouts)."""
+  model's config and state dict (the same keys and torch layouts)."""
 
-  def __init__(self, state: dict, norm_num_groups: int):
+  def __init__(self, config: dict, state: dict):
     super().__init__()
-    widths = [state[f'convs.{i}.weight'].shape[:2][::-1] for i in range(sum(k.startswith('convs.') for k in state) // 2)]
-    self.convs = torch.nn.ModuleList([torch.nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in widths])
-    self.norms = torch.nn.ModuleList([torch.nn.GroupNorm(norm_num_groups, b, eps=1e-5) for _, b in widths])
-    self.hidden = torch.nn.Linear(*state['hidden.weight'].shape[::-1])
+    widths = [3, *config['block_out_channels']]
+    self.convs = torch.nn.ModuleList([torch.nn.Conv2d(a, b, 3, stride=2, padding=1)
+                                      for a, b in zip(widths, widths[1:])])
+    self.norms = torch.nn.ModuleList([torch.nn.GroupNorm(config['norm_num_groups'], b, eps=1e-5) for b in widths[1:]])
+    self.hidden = torch.nn.Linear(2 * widths[-1], config['hidden'])
     self.shape_head = torch.nn.Linear(*state['shape_head.weight'].shape[::-1])
     self.colour_head = torch.nn.Linear(*state['colour_head.weight'].shape[::-1])
     self.load_state_dict({k: torch.tensor(np.asarray(v, np.float32)) for k, v in state.items()})
