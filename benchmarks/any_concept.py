@@ -4,6 +4,7 @@ concept (and the training seed) changed, and measure each erased model against t
     python benchmarks/any_concept.py                                     # 8 concepts × seeds 0 1 2, 64 images/prompt
     python benchmarks/any_concept.py --concepts square red --seeds 0 --eval-seeds 16 --out /tmp/any
     python benchmarks/any_concept.py --config configs/default.py --set train.iterations=200   # plain ESD, compared
+    python benchmarks/any_concept.py --seeds 0 --grid docs/images/any_concept_seed0.png          # + the runs' pictures
 
 Each run is `main.py erase --config=CONFIG --config.erase.concepts="('CONCEPT',)" --config.train.seed=SEED` in its own
 workdir under --out; the original model's images are generated once (--out/original), and a run already measured
@@ -11,7 +12,10 @@ is read, not run again: an interrupted sweep resumes. Printed, one row per run a
 criteria: the concept shown in ≤ 5 % of the images of prompts naming it; every other shape's and colour's accuracy
 within 3 points of the original model's (the honest judge: an image judged "none" keeps nothing); what those
 prompts' images keep of the other kind (a shape erasure: their colour; a colour erasure: their shape), not a
-criterion; iterations used (the probe's stop or best, else train.iterations), wall time.
+criterion; iterations used (the probe's stop or best, else train.iterations), wall time. With --grid, a PNG per
+training seed: a row per concept, the 4 prompts naming it drawn by the original and the erased model side by side, then
+3 of the world's other prompts (each with another shape and another colour) drawn by the erased model; image seed 0,
+the final measurement's first.
 """
 
 from __future__ import annotations
@@ -52,6 +56,40 @@ def run(config: Path, concept: str, seed: int, workdir: Path, eval_seeds: int, o
           'ok': summary['erased_rate'] <= MAX_SHOWN and summary['max_other_drop'] <= MAX_DROP}
 
 
+def save_grid(path: Path, out: Path, concepts, seed: int) -> None:
+  """The picture of training seed `seed`'s runs (module docstring), written to `path`."""
+  sys.path.insert(0, str(ROOT))
+  from safetensors.numpy import load_file
+
+  from configs.any_concept import get_config
+  from esd_jax.commands import weights_overlay
+  from esd_jax.generate import text_to_image_models
+  from esd_jax.images import save_grid as write_grid
+  from esd_jax.loading import load_model
+  from esd_jax.shapes_world.world import PROMPTS
+
+  config = get_config()
+  pipe = load_model(config)
+  done = [c for c in concepts if (out / f'{c}-{seed}' / 'erased' / 'unet_trained.safetensors').is_file()]
+  overlays = [{}] + [weights_overlay(pipe, load_file(out / f'{c}-{seed}' / 'erased' / 'unet_trained.safetensors'))
+                     for c in done]
+  images = text_to_image_models(pipe, overlays, PROMPTS, [0])[:, 0]  # (models, prompts, H, W, 3)
+  rows, labels = [], []
+  for m, concept in enumerate(done, start=1):
+    naming = [i for i, p in enumerate(PROMPTS) if concept in p.split()]
+    others, used = [], set()  # a prompt per other shape (colour): each with a shape and a colour not shown yet
+    for i, p in enumerate(PROMPTS):
+      if concept not in p.split() and not used & set(p.split()[1:]):
+        others.append(i)
+        used |= set(p.split()[1:])
+    rows.append([images[model, i] for i in naming for model in (0, m)] + [images[m, i] for i in others])
+    other_word = lambda i: ' '.join(w for w in PROMPTS[i].split()[1:] if w != concept)
+    labels.append(f'{concept}: ' + ', '.join(map(other_word, naming)))
+  columns = ['original', 'erased'] * 4 + ['erased: other prompts', '', '']
+  write_grid(path, rows, row_labels=labels, col_labels=columns)
+  print(f'grid: {path}')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--config', type=Path, default=ROOT / 'configs' / 'any_concept.py')
@@ -61,6 +99,8 @@ def main():
   parser.add_argument('--set', nargs='*', default=[], metavar='FIELD=VALUE', help='config overrides for every run')
   parser.add_argument('--out', type=Path, default=Path('outputs/any_concept'))
   parser.add_argument('--json', type=Path, help='also write the rows here')
+  parser.add_argument('--grid', type=Path, help='also draw the runs (module docstring): a PNG per training seed, '
+                      'named with -seed{S} unless one seed runs')
   args = parser.parse_args()
   drop = lambda w: f'{w["name"]} {100 * w["drop"]:.1f}' if w['name'] else '—'  # negative: gained
   print(f'config {args.config.name} {" ".join(args.set)}; {args.eval_seeds} images per prompt\n')
@@ -83,6 +123,9 @@ def main():
   print(f'\ncriteria met in {sum(r["ok"] for r in done)} of {len(done)} runs')
   if args.json:
     args.json.write_text(json.dumps(rows, indent=2))
+  for seed in args.seeds if args.grid else ():
+    path = args.grid if len(args.seeds) == 1 else args.grid.with_stem(f'{args.grid.stem}-seed{seed}')
+    save_grid(path, args.out, args.concepts, seed)
 
 
 if __name__ == '__main__':

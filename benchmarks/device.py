@@ -63,18 +63,18 @@ def random_unet(unet_config: dict, seed: int):
   return nnx.merge(graphdef, jax.tree.unflatten(treedef, fill(jax.random.key(seed))))
 
 
-def random_prompts(unet_config: dict, text_config: dict, concepts, eta: float):
+def random_prompts(unet_config: dict, text_config: dict, plan, erase):
   import jax
   import jax.numpy as jnp
 
   from esd_jax.cost import abstract_prompts
-  shapes = abstract_prompts(unet_config, text_config, concepts)
+  shapes = abstract_prompts(unet_config, text_config, plan, erase)
   leaves, treedef = jax.tree.flatten(shapes)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   values = [jax.random.normal(k, a.shape, a.dtype) if a.dtype == jnp.float32 else jnp.zeros(a.shape, a.dtype)
             for k, a in zip(keys, leaves)]
   prompts = jax.tree.unflatten(treedef, values)
-  return prompts._replace(eta=jnp.full(prompts.eta.shape, eta, jnp.float32))
+  return prompts._replace(eta=jnp.full(prompts.eta.shape, erase.negative_guidance, jnp.float32))
 
 
 def config_for(args, method: str, batch: int, models: int):
@@ -116,7 +116,7 @@ def run_case(args, method: str, batch: int, models: int, unet, unet_config: dict
   config = config_for(args, method, batch, models)
   plan = train.plan_run(config)
   h, w = latent_size_of(unet_config, component_config(args.model, '.', 'vae'), None, None)
-  prompts = random_prompts(unet_config, text_config, plan.concepts, config.erase.negative_guidance)
+  prompts = random_prompts(unet_config, text_config, plan, config.erase)
   setup = train.make_setup(config, train.run_mesh(config, plan), unet, prompts, SCHEDULER,
                            (h, w, unet_config['in_channels']))
   layout = (train.separate_models if plan.separate else train.one_model)(setup, plan, config.train)

@@ -97,16 +97,22 @@ def candidate_tokens(tokenizer, vocab_size: int) -> np.ndarray:
 def adversary_of(pipe: StableDiffusion, plan, erase) -> esd.Adversary:
   """erase.adversarial's search (esd.Adversary) on each concept's student prompt (its erase_from prompt, else the
   concept), as train.encode_concepts encodes them."""
-  if pipe.is_sdxl:
+  layout, encoder = adversary_encoder(pipe.text_encoder, plan, sdxl=pipe.is_sdxl)
+  ids = np.asarray(tokenize(pipe.tokenizer, [c.erase_from or c.prompt for c in plan.concepts]))
+  return esd.Adversary(encoder, encoder[esd.TOKEN_EMBEDDING][ids], jnp.asarray(word_mask(pipe.tokenizer, ids)[..., None]),
+                       layout, erase.adversarial_steps, erase.adversarial_learning_rate)
+
+
+def adversary_encoder(text_encoder: nnx.Module, plan, *, sdxl: bool) -> tuple[ParamLayout, dict[str, jax.Array]]:
+  """The text encoder robust erasure searches through (its layout and flat parameters; shapes only for an abstract
+  module, as `plan` compiles it), after refusing the runs it does not support."""
+  if sdxl:
     raise RunError('erase.adversarial searches the CLIP text encoder of SD 1.x/2.x; SDXL conditions on two encoders '
                    'and a pooled embedding, which the search does not move yet: set --config.erase.adversarial=False.')
   if plan.separate:
     raise RunError('erase.adversarial trains one model: set --config.erase.separate_models=False, or '
                    '--config.erase.adversarial=False.')
-  layout, encoder = split_flat(pipe.text_encoder)
-  ids = np.asarray(tokenize(pipe.tokenizer, [c.erase_from or c.prompt for c in plan.concepts]))
-  return esd.Adversary(encoder, encoder[esd.TOKEN_EMBEDDING][ids], jnp.asarray(word_mask(pipe.tokenizer, ids)[..., None]),
-                       layout, erase.adversarial_steps, erase.adversarial_learning_rate)
+  return split_flat(text_encoder)
 
 
 class Draws(NamedTuple):

@@ -440,9 +440,10 @@ def plan(config: ml_collections.ConfigDict) -> dict:
   size = lambda key: _bytes(cost['per_device_bytes'][key])
   flops = cost['flops']
   mesh = ' × '.join(f'{axis} {n}' for axis, n in cost['mesh'].items())
-  models = f', {cost["separate_models"]} separate models' if cost['separate_models'] else ''
+  extra = f', {cost["separate_models"]} separate models' if cost['separate_models'] else ''
+  extra += f', robust erasure: {cost["adversarial_steps"]} search steps' if cost['adversarial_steps'] else ''
   print(f'{cost["model"]} {cost["method"]} ({cost["convention"]}, {cost["compute_dtype"]} compute, frozen base '
-        f'{cost["frozen_dtype"]}, remat {cost["remat"]}, {cost["attention"]} attention{models}), latents '
+        f'{cost["frozen_dtype"]}, remat {cost["remat"]}, {cost["attention"]} attention{extra}), latents '
         f'{"×".join(map(str, cost["latent_shape"]))}, batch {cost["batch"]}; mesh {mesh} = {cost["devices"]} '
         f'{cost["platform"]} devices')
   print(f'trained: {cost["trained_tensors"]} tensors, {cost["trained_parameters"]:,} parameters')

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from esd_jax import esd, train
+from esd_jax.attack import adversary_encoder
 from esd_jax.generate import Conditioning, latent_size_of
 from esd_jax.loading import component_config
 from esd_jax.models import attention, build_abstract
@@ -30,8 +31,10 @@ _HLO_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f16': 2, 'bf16': 2, 's16': 2, 'u16':
 _SDXL_TIME_IDS = 6  # original size, crop offset, target size
 
 
-def abstract_prompts(unet_config: dict, text_config: dict, concepts: list, retain: int = 0) -> esd.Prompts:
-  """The shapes of the run's text conditioning, from the configs alone (float32, as encode_prompts returns it)."""
+def abstract_prompts(unet_config: dict, text_config: dict, plan: train.Plan,
+                     erase: ml_collections.ConfigDict) -> esd.Prompts:
+  """The shapes of the run's text conditioning, from the configs alone (float32, as encode_prompts returns it), and
+  with erase.adversarial robust erasure's search (its text encoder built abstractly)."""
   length = text_config.get('max_position_embeddings', 77)
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
 
@@ -41,10 +44,18 @@ def abstract_prompts(unet_config: dict, text_config: dict, concepts: list, retai
     pooled = unet_config['projection_class_embeddings_input_dim'] - _SDXL_TIME_IDS * unet_config[
         'addition_time_embed_dim']
     return Conditioning(f32(n, length, unet_config['cross_attention_dim']), f32(n, pooled), f32(n, _SDXL_TIME_IDS))
-  n = len(concepts)
-  has_from = any(c.erase_from for c in concepts)
+  n, retain = len(plan.concepts), len(plan.retain)
+  has_from = any(c.erase_from for c in plan.concepts)
+  adversary = None
+  if erase.get('adversarial'):
+    layout, encoder = adversary_encoder(build_abstract(text_config), plan,
+                                        sdxl=unet_config.get('addition_embed_type') == 'text_time')
+    dim = encoder[esd.TOKEN_EMBEDDING].shape[1]
+    adversary = esd.Adversary(encoder, f32(n, length, dim), f32(n, length, 1), layout, erase.adversarial_steps,
+                              erase.adversarial_learning_rate)
   return esd.Prompts(conditioning(1), conditioning(n), conditioning(n) if has_from else None,
-                     jax.ShapeDtypeStruct((n,), jnp.bool_), f32(n), conditioning(retain) if retain else None)
+                     jax.ShapeDtypeStruct((n,), jnp.bool_), f32(n), conditioning(retain) if retain else None,
+                     adversary)
 
 
 def abstract_setup(config: ml_collections.ConfigDict, plan: train.Plan) -> train.Setup:
@@ -58,7 +69,7 @@ def abstract_setup(config: ml_collections.ConfigDict, plan: train.Plan) -> train
   unet = build_abstract(unet_config)
   attention.use(unet, config.attention)
   return train.make_setup(config, train.run_mesh(config, plan), unet,
-                          abstract_prompts(unet_config, component('text_encoder'), plan.concepts, len(plan.retain)),
+                          abstract_prompts(unet_config, component('text_encoder'), plan, config.erase),
                           SCHEDULER, (h, w, unet_config['in_channels']), abstract=True)
 
 
@@ -104,12 +115,14 @@ def unet_forwards(setup: train.Setup, n_models: int, batch: int, steps: float) -
   """Single-latent UNet forwards of one iteration for a sampler of `steps` steps: the guided sampler runs each step
   on 2 × batch latents, the frozen model its 2 (3 with erase_from) conditionings, and the student's forward and
   backward count as about three forwards; for every model. With retain prompts each latent has a retain twin that
-  the sampler, the frozen model (once) and the student see too. Robust erasure's inner search is not counted (the
-  plan compiles the step without it: README "Is it really erased?")."""
+  the sampler, the frozen model (once) and the student see too. Robust erasure's inner search adds, per search step
+  and latent, the student's forward and its backward to the prompt (three forwards, as above); the text encoder's
+  share (one prompt per step, not per latent) is not counted."""
   retain = setup.prompts.retain is not None
   latents = 1 + retain
   frozen = 2 + (setup.prompts.student is not None) + retain
-  return n_models * batch * (2 * steps * latents + frozen + 3 * latents)
+  search = 0 if setup.prompts.adversary is None else 3 * setup.prompts.adversary.steps
+  return n_models * batch * (2 * steps * latents + frozen + 3 * latents + search)
 
 
 def step_cost(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -130,6 +143,7 @@ def step_cost(config: ml_collections.ConfigDict) -> dict[str, Any]:
       'compute_dtype': config.train.compute_dtype, 'remat': config.train.remat,
       'attention': attention.resolved(config.attention),
       'frozen_dtype': train.frozen_dtype(config.train), 'separate_models': n_models if plan.separate else 0,
+      'adversarial_steps': 0 if setup.prompts.adversary is None else setup.prompts.adversary.steps,
       'mesh': dict(setup.mesh.shape), 'devices': setup.mesh.size, 'platform': jax.devices()[0].platform,
       'latent_shape': list(setup.latent_shape), 'batch': batch,
       'trained_tensors': len(setup.keys),
