@@ -64,6 +64,8 @@ ERASURES = {
     # erasure: it keeps the other concepts, but it edits cross-attention only, which the attack undoes elsewhere.
     'any-circle': _any_circle,
     'any-circle-robust': lambda: _any_circle(adversarial=True),
+    # The same with the inner search in the attack's form: 3 random vocabulary tokens before the prompt (prefix_k).
+    'any-circle-robust-prefix': lambda: _any_circle(adversarial=True, adversarial_tokens=3),
 }
 
 

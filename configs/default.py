@@ -43,6 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.erase.adversarial = False
   config.erase.adversarial_steps = 5
   config.erase.adversarial_learning_rate = 0.05
+  # 0: the search moves the prompt's own words (AdvUnlearn's `add`; 0 steps is then plain ESD to the bit). k > 0: it
+  # moves k tokens put after the start token, drawn at random from the vocabulary each iteration (AdvUnlearn's
+  # `prefix_k`: the form of `attack`'s prompts).
+  config.erase.adversarial_tokens = 0
   config.erase.separate_models = False  # True: one erased model per concept, trained together (batched)
   config.erase.method = 'esd-u'  # esd-x | esd-u | esd-x-strict | esd-self | esd-all | notime | xlayer |
   #                                selflayer (CompVis aliases xattn, noxattn, selfattn, full) | patterns

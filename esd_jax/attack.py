@@ -70,15 +70,17 @@ def word_mask(tokenizer, ids: np.ndarray) -> np.ndarray:
   return ((np.arange(ids.shape[-1]) > 0) & (np.arange(ids.shape[-1]) < end[..., None])).astype(np.float32)
 
 
-def prefixed(tokenizer, prompts: Sequence[str], tokens: int) -> tuple[np.ndarray, np.ndarray]:
+def prefixed(tokenizer, prompts: Sequence[str], tokens: int, field: str = 'attack.tokens'
+             ) -> tuple[np.ndarray, np.ndarray]:
   """(ids, slots) of each prompt with `tokens` free slots after the start token: ids (P, L) hold the end token in
-  the slots (the search fills them), slots (P, L) is 1.0 there. Raises when a prompt leaves no room."""
+  the slots (the search fills them), slots (P, L) is 1.0 there. Raises when a prompt leaves no room, naming the
+  config `field` that set `tokens`."""
   ids = np.asarray(tokenize(tokenizer, list(prompts)))
   length = ids.shape[1]
   for prompt, words in zip(prompts, word_mask(tokenizer, ids).sum(-1)):
     if words + tokens + 2 > length:
-      raise ValueError(f'attack.tokens = {tokens}: {prompt!r} has {int(words)} tokens and the text encoder reads '
-                       f'{length} with the start and end tokens; lower --config.attack.tokens to at most '
+      raise ValueError(f'{field} = {tokens}: {prompt!r} has {int(words)} tokens and the text encoder reads '
+                       f'{length} with the start and end tokens; lower --config.{field} to at most '
                        f'{length - 2 - int(words)} or shorten the prompt.')
   slots = np.zeros_like(ids, np.float32)
   slots[:, 1:1 + tokens] = 1
@@ -96,11 +98,21 @@ def candidate_tokens(tokenizer, vocab_size: int) -> np.ndarray:
 
 def adversary_of(pipe: StableDiffusion, plan, erase) -> esd.Adversary:
   """erase.adversarial's search (esd.Adversary) on each concept's student prompt (its erase_from prompt, else the
-  concept), as train.encode_concepts encodes them."""
+  concept), as train.encode_concepts encodes them; with erase.adversarial_tokens = k, that prompt with k slots
+  after its start token (`prefixed`, as the attack's prompts)."""
   layout, encoder = adversary_encoder(pipe.text_encoder, plan, sdxl=pipe.is_sdxl)
-  ids = np.asarray(tokenize(pipe.tokenizer, [c.erase_from or c.prompt for c in plan.concepts]))
-  return esd.Adversary(encoder, encoder[esd.TOKEN_EMBEDDING][ids], jnp.asarray(word_mask(pipe.tokenizer, ids)[..., None]),
-                       layout, erase.adversarial_steps, erase.adversarial_learning_rate)
+  prompts, tokens = [c.erase_from or c.prompt for c in plan.concepts], erase.get('adversarial_tokens', 0)
+  if tokens:
+    ids, free = prefixed(pipe.tokenizer, prompts, tokens, 'erase.adversarial_tokens')
+  else:
+    ids = np.asarray(tokenize(pipe.tokenizer, prompts))
+    free = word_mask(pipe.tokenizer, ids)
+  table = encoder[esd.TOKEN_EMBEDDING]
+  # Every id but the special ones, repeated to the vocabulary's length: the array's shape is the table's, so that
+  # `plan` builds it from the text encoder's config alone (the first few ids are twice as likely: negligible).
+  candidates = jnp.asarray(np.resize(candidate_tokens(pipe.tokenizer, table.shape[0]), table.shape[0]))
+  return esd.Adversary(encoder, table[ids], jnp.asarray(free[..., None]), candidates, layout, erase.adversarial_steps,
+                       erase.adversarial_learning_rate, tokens)
 
 
 def adversary_encoder(text_encoder: nnx.Module, plan, *, sdxl: bool) -> tuple[ParamLayout, dict[str, jax.Array]]:

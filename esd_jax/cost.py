@@ -50,9 +50,10 @@ def abstract_prompts(unet_config: dict, text_config: dict, plan: train.Plan,
   if erase.get('adversarial'):
     layout, encoder = adversary_encoder(build_abstract(text_config), plan,
                                         sdxl=unet_config.get('addition_embed_type') == 'text_time')
-    dim = encoder[esd.TOKEN_EMBEDDING].shape[1]
-    adversary = esd.Adversary(encoder, f32(n, length, dim), f32(n, length, 1), layout, erase.adversarial_steps,
-                              erase.adversarial_learning_rate)
+    vocabulary, dim = encoder[esd.TOKEN_EMBEDDING].shape
+    adversary = esd.Adversary(encoder, f32(n, length, dim), f32(n, length, 1),
+                              jax.ShapeDtypeStruct((vocabulary,), jnp.int32), layout, erase.adversarial_steps,
+                              erase.adversarial_learning_rate, erase.get('adversarial_tokens', 0))
   return esd.Prompts(conditioning(1), conditioning(n), conditioning(n) if has_from else None,
                      jax.ShapeDtypeStruct((n,), jnp.bool_), f32(n), conditioning(retain) if retain else None,
                      adversary)

@@ -20,7 +20,8 @@ Robust erasure (not in the paper; AdvUnlearn's adversarial training, docs/method
 each iteration first searches, for a few Adam steps, the perturbation δ of the concept prompt's word embeddings
 that best restores the concept under the current student at x_t (the student's ε_θ(x_t, c + δ) pulled toward
 ε*(x_t, c)), then trains the student on c + δ instead of c. With zero search steps δ = 0 and the step is plain
-ESD's, exactly.
+ESD's, exactly. With `Adversary.tokens` = k > 0 the search moves k tokens put before the prompt's words instead,
+drawn from the vocabulary at random each iteration (AdvUnlearn's `prefix_k`: the attack's own form).
 """
 
 from __future__ import annotations
@@ -101,21 +102,25 @@ class Adversary:
   """Robust erasure's inner search (AdvUnlearn, docs/method.md §9), for each concept's student prompt.
 
   encoder: the text encoder's flat parameters (held layout), `layout` its structure; embeds (N, L, D): the word
-  embeddings of each concept's student prompt; free (N, L, 1): 1 where the search may move an embedding (the
-  prompt's words), 0 at the start, end and padding tokens. steps, learning_rate: the search's Adam steps (0: plain
-  ESD) and rate. The arrays are a pytree's leaves, the rest static.
+  embeddings of each concept's student prompt; free (N, L, 1): 1 where the search may move an embedding, 0 at the
+  start, end and padding tokens. steps, learning_rate: the search's Adam steps (0: plain ESD) and rate. `tokens`:
+  0, the search moves the prompt's words; k > 0, it moves k tokens after the start token (the prompt's embeds hold
+  k slots there, `free` is 1 on them), which each iteration fills with vocabulary tokens drawn from `candidates`
+  (Draws.prefix). The arrays are a pytree's leaves, the rest static.
   """
 
   encoder: Params
   embeds: jax.Array
   free: jax.Array
+  candidates: jax.Array
   layout: ParamLayout
   steps: int
   learning_rate: float
+  tokens: int = 0
 
 
-jax.tree_util.register_dataclass(Adversary, data_fields=['encoder', 'embeds', 'free'],
-                                 meta_fields=['layout', 'steps', 'learning_rate'])
+jax.tree_util.register_dataclass(Adversary, data_fields=['encoder', 'embeds', 'free', 'candidates'],
+                                 meta_fields=['layout', 'steps', 'learning_rate', 'tokens'])
 
 
 class Prompts(NamedTuple):
@@ -136,17 +141,19 @@ class Prompts(NamedTuple):
 
 class Draws(NamedTuple):
   """One iteration's random draws. `step`: t_enc (paper) or k (diffusers-v1/-v2); `t`: the query timestep;
-  `retain`: the index of the retain prompt (unused without retain prompts)."""
+  `retain`: the index of the retain prompt (unused without retain prompts); `prefix` (k,) in [0, 1): robust
+  erasure's prefix tokens, as positions in Adversary.candidates (empty without them)."""
 
   x_T: jax.Array
   step: jax.Array
   t: jax.Array
   concept: jax.Array
   retain: jax.Array | int = 0
+  prefix: jax.Array | float = 0.0
 
 
 def draw(key: jax.Array, objective: Objective, scheduler, *, batch: int, latent_shape: tuple[int, int, int],
-         num_concepts: int, per_step: int = 1, num_retain: int = 0) -> Draws:
+         num_concepts: int, per_step: int = 1, num_retain: int = 0, prefix_tokens: int = 0) -> Draws:
   """Draws as the convention's code draws them (docs/method.md §4): one step and one concept per iteration.
 
   With per_step = B > 1, B independent draws stacked on a leading axis, for B different concepts (while
@@ -155,7 +162,8 @@ def draw(key: jax.Array, objective: Objective, scheduler, *, batch: int, latent_
   if per_step > 1:
     k_concepts, *keys = jax.random.split(key, per_step + 1)
     one = functools.partial(draw, objective=objective, scheduler=scheduler, batch=batch,
-                            latent_shape=latent_shape, num_concepts=num_concepts, num_retain=num_retain)
+                            latent_shape=latent_shape, num_concepts=num_concepts, num_retain=num_retain,
+                            prefix_tokens=prefix_tokens)
     draws = jax.vmap(one)(jnp.stack(keys))
     if per_step <= num_concepts:
       concepts = jax.random.permutation(k_concepts, num_concepts)[:per_step]
@@ -176,7 +184,9 @@ def draw(key: jax.Array, objective: Objective, scheduler, *, batch: int, latent_
     t = scheduler.timestep(step, n)
   # Folded in, not split off: the other draws stay what they were before retain prompts existed.
   retain = jax.random.randint(jax.random.fold_in(key, 1), (), 0, max(num_retain, 1))
-  return Draws(x_T, step.astype(jnp.int32), t.astype(jnp.int32), concept.astype(jnp.int32), retain.astype(jnp.int32))
+  prefix = jax.random.uniform(jax.random.fold_in(key, 2), (prefix_tokens,))
+  return Draws(x_T, step.astype(jnp.int32), t.astype(jnp.int32), concept.astype(jnp.int32), retain.astype(jnp.int32),
+               prefix)
 
 
 def _step_range(objective: Objective) -> tuple[int, int]:
@@ -280,7 +290,7 @@ def esd_loss(trained: Params, frozen: Params, layout: ParamLayout, objective: Ob
   if prompts.adversary is not None:  # the student is asked at c + δ, the concept's best restoring perturbation
     restoring = lambda cond: _predict(layout.module({**frozen, **jax.lax.stop_gradient(trained)}), x_t, draws.t,
                                       cond, dtype)
-    sampled = [_adversarial(prompts.adversary, draws.concept, student_prompt, restoring, e_concept)] + sampled[1:]
+    sampled = [_adversarial(prompts.adversary, draws, student_prompt, restoring, e_concept)] + sampled[1:]
   student = layout.module({**frozen, **trained})
   student.remat = objective.remat
   e_student = jnp.split(_predict(student, jnp.concatenate(xs), draws.t, _cat(*sampled), dtype), len(sampled))
@@ -290,12 +300,16 @@ def esd_loss(trained: Params, frozen: Params, layout: ParamLayout, objective: Ob
   return loss, x_t
 
 
-def _adversarial(adversary: Adversary, concept: jax.Array, student_prompt: Conditioning, predict,
+def _adversarial(adversary: Adversary, draws: Draws, student_prompt: Conditioning, predict,
                  e_concept: jax.Array) -> Conditioning:
   """AdvUnlearn's attack on the current student (`predict`: its ε at x_t for a conditioning, no gradient to its
-  weights): Adam on δ, from 0, lowering mse(ε_θ(x_t, c + δ), ε*(x_t, c)); returns the student prompt's
-  conditioning moved by what δ changes in the text encoder's output. δ = 0 moves it by exactly 0."""
-  embeds, free = adversary.embeds[concept][None], adversary.free[concept][None]
+  weights): Adam on δ, from 0, lowering mse(ε_θ(x_t, c + δ), ε*(x_t, c)); returns the conditioning the student is
+  then asked at. Without prefix tokens it is the student prompt's moved by what δ changes in the text encoder's
+  output, so δ = 0 moves it by exactly 0; with them, the prefixed prompt's, its slots filled with the drawn tokens."""
+  embeds, free = adversary.embeds[draws.concept][None], adversary.free[draws.concept][None]
+  if adversary.tokens:
+    drawn = adversary.candidates[(draws.prefix * adversary.candidates.shape[0]).astype(jnp.int32)]
+    embeds = embeds.at[:, 1:1 + adversary.tokens].set(adversary.encoder[TOKEN_EMBEDDING][drawn].astype(embeds.dtype))
   batch = e_concept.shape[0]
   encode = lambda delta: encode_embeddings(adversary.layout, adversary.encoder, embeds + free * delta)
 
@@ -313,6 +327,8 @@ def _adversarial(adversary: Adversary, concept: jax.Array, student_prompt: Condi
 
   zero = jnp.zeros_like(embeds)
   delta = jax.lax.stop_gradient(jax.lax.fori_loop(0, adversary.steps, search_step, (zero, tx.init(zero)))[0])
+  if adversary.tokens:
+    return dataclasses.replace(student_prompt, context=jnp.broadcast_to(encode(delta), student_prompt.context.shape))
   shift = encode(delta) - encode(zero)
   return dataclasses.replace(student_prompt, context=student_prompt.context + shift)
 

@@ -213,6 +213,8 @@ def run_metadata(config: ml_collections.ConfigDict, plan: Plan, pipe: StableDiff
       # only when on, so that the checkpoints of runs without it resume as they did
       **({'adversarial_steps': erase.adversarial_steps, 'adversarial_learning_rate': erase.adversarial_learning_rate}
          if erase.get('adversarial') else {}),
+      **({'adversarial_tokens': erase.adversarial_tokens} if erase.get('adversarial') and erase.get('adversarial_tokens')
+         else {}),
   }
 
 
@@ -266,8 +268,9 @@ class Setup:
 
   def draw_one(self, key, num_concepts, per_step: int = 1) -> esd.Draws:
     num_retain = 0 if self.prompts.retain is None else len(self.prompts.retain.context)
+    prefix = 0 if self.prompts.adversary is None else self.prompts.adversary.tokens
     return esd.draw(key, self.objective, self.scheduler, batch=self.batch, latent_shape=self.latent_shape,
-                    num_concepts=num_concepts, per_step=per_step, num_retain=num_retain)
+                    num_concepts=num_concepts, per_step=per_step, num_retain=num_retain, prefix_tokens=prefix)
 
   def initial_state(self, trained, trained_sharding, init) -> tuple[esd.TrainState, Any]:
     state_sharding = sharding.like_params(jax.eval_shape(init, trained), trained_sharding, self.mesh)

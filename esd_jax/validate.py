@@ -146,6 +146,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     'erase.adversarial': _flag(),
     'erase.adversarial_steps': _whole(0),  # 0: plain ESD, exactly
     'erase.adversarial_learning_rate': _real(0, above=True),
+    'erase.adversarial_tokens': _whole(0),
 
     'train.iterations': _whole(1),
     'train.learning_rate': _real(0, above=True),

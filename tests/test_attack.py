@@ -159,6 +159,34 @@ def test_robust_step_without_search_steps_is_plain_esd(model):
   assert np.isfinite(float(searched_metrics['loss'])) and float(searched_metrics['loss']) != float(plain_metrics['loss'])
 
 
+def test_prefix_search_starts_from_drawn_vocabulary_tokens_before_the_prompt(model):
+  # erase.adversarial_tokens = 2 (AdvUnlearn's prefix_k): with no search steps the student is asked at "<start> x₁ x₂
+  # a cat <end>", x₁ x₂ the iteration's drawn tokens (never a special one), encoded by the text encoder as token ids.
+  config = _config(model, adversarial=True, adversarial_steps=0, adversarial_tokens=2)
+  pipe = load_model(config)
+  adversary = attack.adversary_of(pipe, plan_run(config), config.erase)
+  tokenizer = pipe.tokenizer
+  special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+  assert adversary.candidates.shape == (adversary.encoder[esd.TOKEN_EMBEDDING].shape[0],)
+  assert not special & set(np.asarray(adversary.candidates).tolist())
+  objective = esd.Objective(negative_guidance=3.0, ddim_steps=4)
+  ids = tokenizer(['a cat'], padding='max_length', max_length=tokenizer.model_max_length).input_ids[0]
+  seen = set()
+  for key in range(3):
+    draws = esd.draw(jax.random.key(key), objective, objective.scheduler(pipe.scheduler_config), batch=2,
+                     latent_shape=(16, 16, 4), num_concepts=1, prefix_tokens=2)
+    drawn = np.asarray(adversary.candidates[(draws.prefix * adversary.candidates.shape[0]).astype(jnp.int32)])
+    seen.add(tuple(drawn))
+    want = pipe.text_encoder(jnp.asarray([ids[:1] + drawn.tolist() + ids[1:-2]])).last_hidden_state
+    concept = encode_concepts(pipe, plan_run(config).concepts, 3.0, height=None, width=None).concept
+    student = jax.tree.map(lambda a: jnp.broadcast_to(a, (2, *a.shape[1:])), concept)
+    got = esd._adversarial(adversary, draws, student, lambda cond: jnp.zeros((2, 16, 16, 4)),
+                           jnp.zeros((2, 16, 16, 4)))
+    assert got.context.shape == student.context.shape
+    np.testing.assert_allclose(got.context, jnp.broadcast_to(want, got.context.shape), rtol=1e-5, atol=1e-5)
+  assert len(seen) == 3  # each iteration draws its own tokens
+
+
 # The `attack` command on the tiny model: four models (the original for "cat" and for "dog", and two weights files that
 # move one cross-attention tensor), each attacked on "a cat" from 2 seeds (the denoise objective, no judge), 4 search
 # steps saved every 2.

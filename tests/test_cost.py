@@ -28,7 +28,7 @@ def _config(model, workdir, **erase):
 
 @pytest.mark.parametrize('erase', [dict(method='esd-x'), dict(method='esd-u', concepts=('a cat', 'a dog'),
                                                                   separate_models=True),
-                                   dict(method='esd-x', adversarial=True, adversarial_steps=2)])
+                                   dict(method='esd-x', adversarial=True, adversarial_steps=2, adversarial_tokens=3)])
 def test_the_abstract_step_is_the_step_erase_runs(model, tmp_path, erase):
   # Lowered from a loaded model (train.set_up) and from configs alone (cost.abstract_setup): the same program.
   config = _config(model, tmp_path, **erase)
