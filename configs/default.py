@@ -178,6 +178,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.probe.guidance_scale = 7.5
   config.probe.max_shown = 0.05
   config.probe.max_drop = 0.03
+  # > 0: a reading that meets the criteria is confirmed on this many more seeds (all images pooled) before the run
+  # stops, so that it does not stop on a lucky draw of the probe's few seeds.
+  config.probe.confirm_seeds = 0
 
   # `plan`: compiles the erase step of this config from abstract parameters (no weights; the reference names
   # sd-v1-4, sd-v2-1, sdxl-base-1.0 work) and prints its memory per device, FLOPs and collectives.

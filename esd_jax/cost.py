@@ -117,12 +117,13 @@ def unet_forwards(setup: train.Setup, n_models: int, batch: int, steps: float) -
   on 2 × batch latents, the frozen model its 2 (3 with erase_from) conditionings, and the student's forward and
   backward count as about three forwards; for every model. With retain prompts each latent has a retain twin that
   the sampler, the frozen model (once) and the student see too. Robust erasure's inner search adds, per search step
-  and latent, the student's forward and its backward to the prompt (three forwards, as above); the text encoder's
-  share (one prompt per step, not per latent) is not counted."""
-  retain = setup.prompts.retain is not None
+  and latent, the student's forward and its backward to the prompt (three forwards, as above), and with prefix
+  tokens the student's forward and backward at the prefixed prompt (three more); the text encoder's share (one
+  prompt per step, not per latent) is not counted."""
+  retain, adversary = setup.prompts.retain is not None, setup.prompts.adversary
   latents = 1 + retain
   frozen = 2 + (setup.prompts.student is not None) + retain
-  search = 0 if setup.prompts.adversary is None else 3 * setup.prompts.adversary.steps
+  search = 0 if adversary is None else 3 * adversary.steps + 3 * bool(adversary.tokens)
   return n_models * batch * (2 * steps * latents + frozen + 3 * latents + search)
 
 

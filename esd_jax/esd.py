@@ -21,7 +21,8 @@ each iteration first searches, for a few Adam steps, the perturbation δ of the 
 that best restores the concept under the current student at x_t (the student's ε_θ(x_t, c + δ) pulled toward
 ε*(x_t, c)), then trains the student on c + δ instead of c. With zero search steps δ = 0 and the step is plain
 ESD's, exactly. With `Adversary.tokens` = k > 0 the search moves k tokens put before the prompt's words instead,
-drawn from the vocabulary at random each iteration (AdvUnlearn's `prefix_k`: the attack's own form).
+drawn from the vocabulary at random each iteration (AdvUnlearn's `prefix_k`: the attack's own form), and the
+student is asked at c as well as at the prefixed prompt, both pulled toward the same target.
 """
 
 from __future__ import annotations
@@ -287,16 +288,22 @@ def esd_loss(trained: Params, frozen: Params, layout: ParamLayout, objective: Ob
     anchor = jnp.where(prompts.has_from[draws.concept], e[2], anchor)
   target = jax.lax.stop_gradient(anchor - coefficient * (e_concept - e_uncond))
 
+  inputs = list(xs)
   if prompts.adversary is not None:  # the student is asked at c + δ, the concept's best restoring perturbation
     restoring = lambda cond: _predict(layout.module({**frozen, **jax.lax.stop_gradient(trained)}), x_t, draws.t,
                                       cond, dtype)
-    sampled = [_adversarial(prompts.adversary, draws, student_prompt, restoring, e_concept)] + sampled[1:]
+    adversarial = _adversarial(prompts.adversary, draws, student_prompt, restoring, e_concept)
+    if prompts.adversary.tokens:  # prefixed: asked at the prompt itself too, or its own prompt is never trained
+      sampled, inputs = [student_prompt, adversarial] + sampled[1:], [x_t] + inputs
+    else:
+      sampled = [adversarial] + sampled[1:]
   student = layout.module({**frozen, **trained})
   student.remat = objective.remat
-  e_student = jnp.split(_predict(student, jnp.concatenate(xs), draws.t, _cat(*sampled), dtype), len(sampled))
-  loss = jnp.mean(jnp.square(e_student[0] - target))
+  e_student = jnp.split(_predict(student, jnp.concatenate(inputs), draws.t, _cat(*sampled), dtype), len(sampled))
+  concept_terms = 1 + bool(prompts.adversary is not None and prompts.adversary.tokens)
+  loss = sum(jnp.mean(jnp.square(asked_at - target)) for asked_at in e_student[:concept_terms])
   if prompts.retain is not None:
-    loss += objective.preserve_weight * jnp.mean(jnp.square(e_student[1] - jax.lax.stop_gradient(e[-1])))
+    loss += objective.preserve_weight * jnp.mean(jnp.square(e_student[-1] - jax.lax.stop_gradient(e[-1])))
   return loss, x_t
 
 

@@ -68,6 +68,6 @@ def training_curves(metrics: str | os.PathLike, out: str | os.PathLike) -> Path:
   panels = {'loss': {'loss': (x, loss), f'mean of {window}': (x[window - 1:], smooth)}}
   probes = [r for r in records if r.get('event') == 'probe']
   if probes:
-    names = [k for k in probes[0] if k not in ('event', 'step', 'met', 'seconds', 'score')]
+    names = [k for k in probes[0] if k not in ('event', 'step', 'met', 'seconds', 'score', 'seeds')]
     panels['probe'] = {k: ([r['step'] for r in probes], [r[k] for r in probes]) for k in names}
   return save_curves(out, panels)

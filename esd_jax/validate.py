@@ -230,6 +230,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     'probe.guidance_scale': _real(0),
     'probe.max_shown': _real(0, high=1),
     'probe.max_drop': _real(0, high=1),
+    'probe.confirm_seeds': _whole(0),
 
     'plan.devices': _whole(0),
     'plan.json': _text(),

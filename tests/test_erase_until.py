@@ -138,12 +138,16 @@ def test_the_any_concept_procedure_end_to_end_on_the_shapes_world(tmp_path):
   config.workdir = str(tmp_path)
   config.erase.concepts = ('circle',)
   config.probe.seeds = 2
+  config.probe.confirm_seeds = 2
   config.evaluate.seeds = 4
   config.export.formats = ('trained',)
   result = commands.erase(config)
   probes, steps = _probes(tmp_path)
   every = config.probe.every
   assert [p['step'] for p in probes] == list(range(every, steps[-1] + 1, every)) and probes[0]['shown'] > 0.5
+  # A reading that met the criteria on its 2 seeds was confirmed on 2 more: the one logged is on all 4 (one that
+  # failed its confirmation too).
+  assert probes[-1]['seeds'] == 4 and {p['seeds'] for p in probes} <= {2, 4}, probes
   best = json.loads((tmp_path / 'probe' / 'best.json').read_text())
   assert best['met'] and probes[-1]['met'] and result.metadata['probe'] == best
   # Stopped at the first reading that met the criteria, and exported that model.

@@ -9,7 +9,11 @@ the report (measure.erasure_summary) against the original model's images from th
   worst_drop  the largest drop of any other shape's or colour's accuracy, in points (share) of its prompts
               (shape_drop and colour_drop: the largest of each kind)
 
-The criteria hold when shown ≤ max_shown and worst_drop ≤ max_drop. The best checkpoint is the one with the lowest
+The criteria hold when shown ≤ max_shown and worst_drop ≤ max_drop. With `confirm_seeds` > 0 a reading that meets
+them is confirmed before the run stops: the same model draws from confirm_seeds more seeds (after the probe's), and
+the criteria must hold again on all the images together (the reading logged is the pooled one, `seeds` says how
+many). The first reading under the thresholds is where the probe's chance error leans the run's way; confirming it
+on more images is what keeps the run from stopping on a lucky draw. The best checkpoint is the one with the lowest
 shown + max(worst_drop, 0): a point of the concept left weighs as much as a point of another concept lost.
 """
 
@@ -38,34 +42,52 @@ class ShapesProbe:
   judge: object
   concepts: Sequence[str]
   settings: ml_collections.ConfigDict
-  original: dict = dataclasses.field(init=False)
+  original: np.ndarray = dataclasses.field(init=False)  # the original model's images, (prompts, seeds, …)
 
   def __post_init__(self):
-    self.original = self._report({})
+    self.original = self.draw({}, 0, self.settings.seeds)
     # With too few sampler steps every image is a blob: erased and original alike show nothing, and the criteria
     # would hold from the first reading. The probe must first see the original model draw the world.
-    seen = {key: measure.mean_rate(self.original, key, world.PROMPTS) for key in ('shape', 'colour')}
+    report = self._score(self.original)
+    seen = {key: measure.mean_rate(report, key, world.PROMPTS) for key in ('shape', 'colour')}
     if min(seen.values()) < MIN_ORIGINAL:
       raise RunError(f'The probe sees the original model draw the prompted shape in {seen["shape"]:.0%} and colour in '
                      f'{seen["colour"]:.0%} of its images ({self.settings.seeds} seeds × {self.settings.steps} DDIM '
                      f'steps); it needs {MIN_ORIGINAL:.0%} of both to tell an erasure from noise: raise '
                      '--config.probe.steps (25 by default) or --config.probe.seeds.')
 
-  def _report(self, overlay: dict[str, jax.Array]) -> dict[str, dict]:
-    seeds = range(FIRST_SEED, FIRST_SEED + self.settings.seeds)
+  def draw(self, overlay: dict[str, jax.Array], first: int, count: int) -> np.ndarray:
+    """(prompts, seeds, …) images of probe seeds first … first + count − 1 (after FIRST_SEED)."""
+    seeds = range(FIRST_SEED + first, FIRST_SEED + first + count)
     images = text_to_image_models(self.pipe, [overlay], world.PROMPTS, seeds, num_inference_steps=self.settings.steps,
                                   guidance_scale=self.settings.guidance_scale)[0]
-    return measure.score(self.judge, world.PROMPTS, np.swapaxes(images, 0, 1))  # (prompts, seeds, …)
+    return np.swapaxes(images, 0, 1)
 
-  def __call__(self, trained: dict[str, jax.Array]) -> Reading:
-    report = self._report(trained)
-    summaries = [measure.erasure_summary(self.original, report, c) for c in self.concepts]
+  def _score(self, images: np.ndarray) -> dict[str, dict]:
+    return measure.score(self.judge, world.PROMPTS, images)
+
+  def reading(self, original: np.ndarray, images: np.ndarray) -> Reading:
+    base, report = self._score(original), self._score(images)
+    summaries = [measure.erasure_summary(base, report, c) for c in self.concepts]
     shown = max(s['erased_rate'] for s in summaries)
     worst_drop = max(s['max_other_drop'] for s in summaries)
     drops = {f'{kind}_drop': max(s[f'worst_other_{kind}']['drop'] for s in summaries) for kind in ('shape', 'colour')}
-    return Reading({'shown': shown, 'worst_drop': worst_drop, **drops},
+    return Reading({'shown': shown, 'worst_drop': worst_drop, **drops, 'seeds': images.shape[1]},
                    met=shown <= self.settings.max_shown and worst_drop <= self.settings.max_drop,
                    score=shown + max(worst_drop, 0.0))
+
+  def __call__(self, trained: dict[str, jax.Array]) -> Reading:
+    seeds = self.settings.seeds
+    images = self.draw(trained, 0, seeds)
+    first = self.reading(self.original[:, :seeds], images)
+    return self.confirmed(trained, images) if first.met and self.settings.get('confirm_seeds', 0) else first
+
+  def confirmed(self, trained: dict[str, jax.Array], images: np.ndarray) -> Reading:
+    """The reading on `images` (the probe's seeds) and on confirm_seeds more, pooled."""
+    seeds, more = self.settings.seeds, self.settings.confirm_seeds
+    if self.original.shape[1] == seeds:  # the original's confirmation images, drawn once
+      self.original = np.concatenate([self.original, self.draw({}, seeds, more)], axis=1)
+    return self.reading(self.original, np.concatenate([images, self.draw(trained, seeds, more)], axis=1))
 
 
 def shapes_probe(judge, concepts: Sequence[str], settings: ml_collections.ConfigDict):
