@@ -25,6 +25,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--out', type=Path, default=Path('outputs/any_concept'))
   parser.add_argument('--confirm-seeds', type=int, default=48)
+  parser.add_argument('--runs', nargs='*', help='run folder names (CONCEPT-SEED); default: every one under --out')
   args = parser.parse_args()
 
   from safetensors.numpy import load_file
@@ -45,7 +46,8 @@ def main():
         f'({settings.seeds + args.confirm_seeds} seeds) | confirmed |')
   print('|---|---:|---|---|---|---|', flush=True)
   confirmed = []
-  for run in sorted(p for p in args.out.iterdir() if (p / 'probe' / 'best.json').is_file()):
+  runs = [args.out / name for name in args.runs] if args.runs else sorted(args.out.iterdir())
+  for run in [r for r in runs if (r / 'probe' / 'best.json').is_file()]:
     best = json.loads((run / 'probe' / 'best.json').read_text())
     if not best['met']:
       continue
