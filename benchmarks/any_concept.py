@@ -4,7 +4,7 @@ concept (and the training seed) changed, and measure each erased model against t
     python benchmarks/any_concept.py                                     # 8 concepts × seeds 0 1 2, 64 images/prompt
     python benchmarks/any_concept.py --concepts square red --seeds 0 --eval-seeds 16 --out /tmp/any
     python benchmarks/any_concept.py --config configs/default.py --set train.iterations=200   # plain ESD, compared
-    python benchmarks/any_concept.py --seeds 0 --grid docs/images/any_concept_seed0.png          # + the runs' pictures
+    python benchmarks/any_concept.py --grid docs/images/any_concept.png   # + the runs' pictures, one per seed
 
 Each run is `main.py erase --config=CONFIG --config.erase.concepts="('CONCEPT',)" --config.train.seed=SEED` in its own
 workdir under --out; the original model's images are generated once (--out/original), and a run already measured
