@@ -54,7 +54,7 @@ def main():
     probe.concepts = [run.name.rsplit('-', 1)[0]]
     trained = weights_overlay(pipe, load_file(run / 'probe' / 'best.safetensors'))
     images = probe.draw(trained, 0, settings.seeds)
-    again = probe.reading(probe.original[:, :settings.seeds], images)
+    again = probe.reading(images)
     pooled = probe.confirmed(trained, images)
     confirmed.append(pooled.met)
     print(f'| {run.name} | {best["step"]} | {100 * best["shown"]:.1f} % shown, worst drop '

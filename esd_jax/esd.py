@@ -288,19 +288,18 @@ def esd_loss(trained: Params, frozen: Params, layout: ParamLayout, objective: Ob
     anchor = jnp.where(prompts.has_from[draws.concept], e[2], anchor)
   target = jax.lax.stop_gradient(anchor - coefficient * (e_concept - e_uncond))
 
-  inputs = list(xs)
+  inputs, concept_terms = list(xs), 1
   if prompts.adversary is not None:  # the student is asked at c + δ, the concept's best restoring perturbation
     restoring = lambda cond: _predict(layout.module({**frozen, **jax.lax.stop_gradient(trained)}), x_t, draws.t,
                                       cond, dtype)
     adversarial = _adversarial(prompts.adversary, draws, student_prompt, restoring, e_concept)
     if prompts.adversary.tokens:  # prefixed: asked at the prompt itself too, or its own prompt is never trained
-      sampled, inputs = [student_prompt, adversarial] + sampled[1:], [x_t] + inputs
+      sampled, inputs, concept_terms = [student_prompt, adversarial] + sampled[1:], [x_t] + inputs, 2
     else:
       sampled = [adversarial] + sampled[1:]
   student = layout.module({**frozen, **trained})
   student.remat = objective.remat
   e_student = jnp.split(_predict(student, jnp.concatenate(inputs), draws.t, _cat(*sampled), dtype), len(sampled))
-  concept_terms = 1 + bool(prompts.adversary is not None and prompts.adversary.tokens)
   loss = sum(jnp.mean(jnp.square(asked_at - target)) for asked_at in e_student[:concept_terms])
   if prompts.retain is not None:
     loss += objective.preserve_weight * jnp.mean(jnp.square(e_student[-1] - jax.lax.stop_gradient(e[-1])))

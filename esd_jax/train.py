@@ -211,10 +211,9 @@ def run_metadata(config: ml_collections.ConfigDict, plan: Plan, pipe: StableDiff
       'compute_dtype': train.compute_dtype, 'frozen_dtype': frozen_dtype(train),
       'preserve': plan.retain, 'preserve_weight': erase.preserve_weight if plan.retain else None,
       # only when on, so that the checkpoints of runs without it resume as they did
-      **({'adversarial_steps': erase.adversarial_steps, 'adversarial_learning_rate': erase.adversarial_learning_rate}
+      **({'adversarial_steps': erase.adversarial_steps, 'adversarial_learning_rate': erase.adversarial_learning_rate,
+          **({'adversarial_tokens': erase.adversarial_tokens} if erase.get('adversarial_tokens') else {})}
          if erase.get('adversarial') else {}),
-      **({'adversarial_tokens': erase.adversarial_tokens} if erase.get('adversarial') and erase.get('adversarial_tokens')
-         else {}),
   }
 
 

@@ -43,12 +43,13 @@ class ShapesProbe:
   concepts: Sequence[str]
   settings: ml_collections.ConfigDict
   original: np.ndarray = dataclasses.field(init=False)  # the original model's images, (prompts, seeds, …)
+  _judged: dict = dataclasses.field(init=False, default_factory=dict)  # the original's reports, by number of seeds
 
   def __post_init__(self):
     self.original = self.draw({}, 0, self.settings.seeds)
     # With too few sampler steps every image is a blob: erased and original alike show nothing, and the criteria
     # would hold from the first reading. The probe must first see the original model draw the world.
-    report = self._score(self.original)
+    report = self._original_report(self.settings.seeds)
     seen = {key: measure.mean_rate(report, key, world.PROMPTS) for key in ('shape', 'colour')}
     if min(seen.values()) < MIN_ORIGINAL:
       raise RunError(f'The probe sees the original model draw the prompted shape in {seen["shape"]:.0%} and colour in '
@@ -63,11 +64,18 @@ class ShapesProbe:
                                   guidance_scale=self.settings.guidance_scale)[0]
     return np.swapaxes(images, 0, 1)
 
-  def _score(self, images: np.ndarray) -> dict[str, dict]:
-    return measure.score(self.judge, world.PROMPTS, images)
+  def _original_report(self, seeds: int) -> dict[str, dict]:
+    """The judge's report of the original model's first `seeds` probe seeds, drawn and judged once."""
+    if seeds not in self._judged:
+      drawn = self.original.shape[1]
+      if drawn < seeds:
+        self.original = np.concatenate([self.original, self.draw({}, drawn, seeds - drawn)], axis=1)
+      self._judged[seeds] = measure.score(self.judge, world.PROMPTS, self.original[:, :seeds])
+    return self._judged[seeds]
 
-  def reading(self, original: np.ndarray, images: np.ndarray) -> Reading:
-    base, report = self._score(original), self._score(images)
+  def reading(self, images: np.ndarray) -> Reading:
+    """The reading of images (prompts, seeds, …) of the probe's first seeds, against the original's from those."""
+    base, report = self._original_report(images.shape[1]), measure.score(self.judge, world.PROMPTS, images)
     summaries = [measure.erasure_summary(base, report, c) for c in self.concepts]
     shown = max(s['erased_rate'] for s in summaries)
     worst_drop = max(s['max_other_drop'] for s in summaries)
@@ -77,17 +85,14 @@ class ShapesProbe:
                    score=shown + max(worst_drop, 0.0))
 
   def __call__(self, trained: dict[str, jax.Array]) -> Reading:
-    seeds = self.settings.seeds
-    images = self.draw(trained, 0, seeds)
-    first = self.reading(self.original[:, :seeds], images)
+    images = self.draw(trained, 0, self.settings.seeds)
+    first = self.reading(images)
     return self.confirmed(trained, images) if first.met and self.settings.get('confirm_seeds', 0) else first
 
   def confirmed(self, trained: dict[str, jax.Array], images: np.ndarray) -> Reading:
     """The reading on `images` (the probe's seeds) and on confirm_seeds more, pooled."""
-    seeds, more = self.settings.seeds, self.settings.confirm_seeds
-    if self.original.shape[1] == seeds:  # the original's confirmation images, drawn once
-      self.original = np.concatenate([self.original, self.draw({}, seeds, more)], axis=1)
-    return self.reading(self.original, np.concatenate([images, self.draw(trained, seeds, more)], axis=1))
+    more = self.draw(trained, self.settings.seeds, self.settings.confirm_seeds)
+    return self.reading(np.concatenate([images, more], axis=1))
 
 
 def shapes_probe(judge, concepts: Sequence[str], settings: ml_collections.ConfigDict):
