@@ -6,8 +6,9 @@ ESD-x (cross-attention keys and values only) erasing the concept from each "a {c
 it (erase_from='auto'), with the retain loss (λ 10) on the world's prompts that do not name it (preserve='auto') and
 erase-until: every 25 iterations a probe (16 seeds × the 16 prompts, 25 DDIM steps, judged by the classifier) measures
 the model being trained, and the run stops as soon as the concept is shown in ≤ 2.5 % of the probe's images with no
-other shape's or colour's accuracy down by more than 2.5 points; otherwise it exports the best model it measured
-after train.iterations. The stopping thresholds sit inside the criteria the erasure is judged by (≤ 5 % shown,
+other shape's or colour's accuracy down by more than 2.5 points, confirmed on 48 more seeds (all 64 pooled);
+otherwise it exports the best model it measured after train.iterations. From the first reading with the concept gone
+the learning rate drops to a fifth (probe.settle): the retain loss repairs the other concepts in small steps. The stopping thresholds sit inside the criteria the erasure is judged by (≤ 5 % shown,
 ≤ 3 points lost, on 64 seeds): stopped at the first reading under the criteria themselves, a run stops where the
 probe's chance error leans its way, and the final measurement lands on the threshold. README "Erasing any concept"
 has what each setting did and `python benchmarks/any_concept.py` runs it over the 8 concepts × 3 seeds.
@@ -35,5 +36,11 @@ def get_config():
   config.probe.seeds = 16
   config.probe.max_shown = 0.025  # at most 1 of the concept's 64 probe images
   config.probe.max_drop = 0.025  # at most 1 image of any other concept's 48–64
+  # A stop on 16 seeds alone missed the criteria in 4 of 24 runs, each by 3.1–3.9 points: green stopped with red
+  # whole on the probe's 64 red images and 3.5 points down on the measurement's 256; three others stopped while
+  # the retain loss was repairing a colour that the erasure, going on at full rate after the concept was gone, had
+  # broken (red: 100 → 0 % → 96 %).
+  config.probe.confirm_seeds = 48
+  config.probe.settle = 0.2
   config.evaluate.seeds = 64  # the issue's measurement
   return config

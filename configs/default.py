@@ -181,6 +181,10 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0: a reading that meets the criteria is confirmed on this many more seeds (all images pooled) before the run
   # stops, so that it does not stop on a lucky draw of the probe's few seeds.
   config.probe.confirm_seeds = 0
+  # < 1: from the first reading that finds the concept gone (shown ≤ max_shown, the others not yet within max_drop),
+  # the learning rate is multiplied by this: the retain loss then repairs what the erasure broke in small steps,
+  # instead of the erasure going on at the rate that broke it.
+  config.probe.settle = 1.0
 
   # `plan`: compiles the erase step of this config from abstract parameters (no weights; the reference names
   # sd-v1-4, sd-v2-1, sdxl-base-1.0 work) and prints its memory per device, FLOPs and collectives.

@@ -220,8 +220,9 @@ def run_metadata(config: ml_collections.ConfigDict, plan: Plan, pipe: StableDiff
 class Models(NamedTuple):
   """The run's trainable side: its initial state (and placement), the iteration-i draws, and one step.
 
-  step(state, draws, active) → (state, losses, stepped): losses and stepped are host arrays over the models
-  (one entry for a one-model run); a model that did not step keeps its state. lower() lowers the jitted step
+  step(state, draws, active, scale) → (state, losses, stepped): each model steps at its learning rate × scale;
+  losses and stepped are host arrays over the models (one entry for a one-model run); a model that did not step
+  keeps its state. lower() lowers the jitted step
   for the initial state and an iteration's draws (what esd_jax.cost compiles and accounts for).
   """
 
@@ -279,11 +280,12 @@ class Setup:
 def one_model(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) -> Models:
   """One model erasing every concept: a concept drawn per iteration (or concepts_per_step, losses averaged)."""
   mesh, per_step = setup.mesh, train.concepts_per_step
-  tx = esd.optimizer(plan.learning_rates[0])
   trained_sh = {k: setup.frozen_sharding[k] for k in setup.keys}
   # A copy, not the frozen arrays themselves: the train state is donated to each step.
   trained = setup.run(jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=trained_sh), setup.base)
-  state, state_sh = setup.initial_state(trained, trained_sh, functools.partial(esd.init_state, tx=tx))
+  # Adam's state does not depend on the learning rate, which the step takes as an input.
+  init = functools.partial(esd.init_state, tx=esd.optimizer(plan.learning_rates[0]))
+  state, state_sh = setup.initial_state(trained, trained_sh, init)
   prompts = distributed.gather(setup.prompts)
   prompts = setup.place(prompts, jax.tree.map(lambda _: sharding.replicated(mesh), prompts))
   batch_sh = sharding.batch_sharding(mesh, train.batch_size, 4 + (per_step > 1), batch_axis=int(per_step > 1))
@@ -291,16 +293,22 @@ def one_model(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) -> Mod
   base_key = jax.random.key(train.seed)
   draw = jax.jit(lambda i: setup.draw_one(jax.random.fold_in(base_key, i), len(plan.concepts), per_step),
                  out_shardings=draws_sh)
-  step_fn = jax.jit(functools.partial(esd.train_step, tx=tx, **setup.step_kwargs),
-                    in_shardings=(state_sh, setup.frozen_sharding, jax.tree.map(lambda a: a.sharding, prompts),
-                                  draws_sh),
-                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
 
-  def step(state, draws, active):
-    state, metrics = step_fn(state, setup.frozen, prompts, draws)
+  def train_step(state, frozen, prompts, draws, learning_rate):  # an input: erase-until's settle changes it
+    return esd.train_step(state, frozen, prompts, draws, tx=esd.optimizer(learning_rate), **setup.step_kwargs)
+  step_fn = jax.jit(train_step, in_shardings=(state_sh, setup.frozen_sharding,
+                                              jax.tree.map(lambda a: a.sharding, prompts), draws_sh,
+                                              sharding.replicated(mesh)),
+                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  rate = functools.cache(  # placed once per factor
+      lambda scale: distributed.put(np.float32(plan.learning_rates[0] * scale), sharding.replicated(mesh)))
+
+  def step(state, draws, active, scale):
+    state, metrics = step_fn(state, setup.frozen, prompts, draws, rate(scale))
     losses = np.asarray(metrics['loss']).reshape(1)
     return state, losses, np.isfinite(losses)
-  return Models(state, state_sh, draw, step, lambda: step_fn.lower(state, setup.frozen, prompts, draw.eval_shape(0)))
+  return Models(state, state_sh, draw, step,
+                lambda: step_fn.lower(state, setup.frozen, prompts, draw.eval_shape(0), rate(1)))
 
 
 def separate_models(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) -> Models:
@@ -320,7 +328,7 @@ def separate_models(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) 
   # Adam's state does not depend on the learning rate: each model's own is passed to the step.
   init = jax.vmap(functools.partial(esd.init_state, tx=esd.optimizer(plan.learning_rates[0])))
   state, state_sh = setup.initial_state(trained, trained_sh, init)
-  rates = setup.place(np.asarray(plan.learning_rates, np.float32), split)
+  rates = functools.cache(lambda scale: setup.place(np.asarray(plan.learning_rates, np.float32) * scale, split))
   seeds, sizes = jnp.arange(n_models) + train.seed, jnp.asarray([len(g) for g in plan.groups])
 
   def draw_all(i):
@@ -334,11 +342,11 @@ def separate_models(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) 
                                   draws_sh, shared, split),
                     out_shardings=(state_sh, shared), donate_argnums=(0,))
 
-  def step(state, draws, active):
-    state, metrics = step_fn(state, setup.frozen, prompts, draws, distributed.put(active, shared), rates)
+  def step(state, draws, active, scale):
+    state, metrics = step_fn(state, setup.frozen, prompts, draws, distributed.put(active, shared), rates(scale))
     return state, np.asarray(metrics['loss']).reshape(-1), np.asarray(metrics['active'])
   lower = lambda: step_fn.lower(state, setup.frozen, prompts, draw.eval_shape(0),
-                                jax.ShapeDtypeStruct((n_models,), jnp.bool_, sharding=shared), rates)
+                                jax.ShapeDtypeStruct((n_models,), jnp.bool_, sharding=shared), rates(1.0))
   return Models(state, state_sh, draw, step, lower)
 
 
@@ -402,6 +410,7 @@ class Reading:
   numbers: dict[str, float]
   met: bool
   score: float
+  concept_gone: bool = False  # the erased concept no longer shown, whatever the others' state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,16 +421,33 @@ class Probe:
 
   every: int
   measure: Callable[[dict[str, jax.Array]], Reading]
+  # The learning rate's factor from the first reading that finds the concept gone: the run then repairs what the
+  # erasure damaged in smaller steps instead of erasing on at the rate that erased it (1: no change).
+  settle: float = 1.0
 
 
 class _Best:
   """The best-scored measurement of a run and its trained tensors, kept in workdir/probe (best.json and
-  best.safetensors, stored layout), so that a resumed run knows it; `met` once a measurement met the criteria.
-  Every process keeps the same record (each measured alike), so all take the same branches and collectives."""
+  best.safetensors, stored layout), so that a resumed run knows it; `met` once a measurement met the criteria;
+  `settled`, the iteration whose reading first found the concept gone (settled.json), from which the run trains
+  at the probe's settle factor. Every process keeps the same record (each measured alike), so all take the same
+  branches and collectives."""
 
   def __init__(self, folder: Path):
     self.folder = folder
-    self.record = json.loads((folder / 'best.json').read_text()) if (folder / 'best.json').is_file() else None
+    read = lambda name: json.loads((folder / name).read_text()) if (folder / name).is_file() else None
+    self.record, settled = read('best.json'), read('settled.json')
+    self.settled = settled and settled['step']
+
+  def forget(self) -> None:
+    """A run starting afresh: a probe folder left by an earlier run is not this run's."""
+    self.record = self.settled = None
+
+  def settle(self, step: int) -> None:
+    self.settled = step
+    if distributed.is_main():
+      self.folder.mkdir(parents=True, exist_ok=True)
+      write_json(self.folder / 'settled.json', {'step': step})
 
   @property
   def met(self) -> bool:
@@ -446,7 +472,8 @@ class _Best:
 
 
 def _measure(probe: Probe, best: _Best, state, step: int, metrics: MetricsLog) -> bool:
-  """Probes the state of iteration `step`, logs and ranks the reading; True when the criteria hold."""
+  """Probes the state of iteration `step`, logs and ranks the reading, settles the learning rate the first time
+  the concept is gone; True when the criteria hold."""
   tick = time.perf_counter()
   reading = probe.measure(state.trained)
   metrics.write({'event': 'probe', 'step': step, **reading.numbers, 'score': reading.score, 'met': reading.met,
@@ -454,6 +481,10 @@ def _measure(probe: Probe, best: _Best, state, step: int, metrics: MetricsLog) -
   log.info('probe at iteration %d: %s%s', step, ', '.join(f'{k} {v:.3f}' for k, v in reading.numbers.items()),
            ' — criteria met, stopping' if reading.met else '')
   best.offer(step, reading, state.trained)
+  if reading.concept_gone and not reading.met and not best.settled and probe.settle != 1:
+    best.settle(step)
+    metrics.write({'event': 'settled', 'step': step, 'learning_rate_factor': probe.settle})
+    log.info('probe at iteration %d: the concept is gone; learning rate × %g from here', step, probe.settle)
   return reading.met
 
 
@@ -525,7 +556,7 @@ def run_erasure(config: ml_collections.ConfigDict, pipe: StableDiffusion | None 
       restored = checkpoints.restore(models.state, models.state_sharding, metadata)
       metadata = restored.metadata
       if not restored.step:
-        best.record = None  # a run starting afresh: a probe folder left by an earlier run is not this run's
+        best.forget()
       metrics.open(resume_step=restored.step)
       if restored.change:
         metrics.write({'event': 'learning_rate_changed', **restored.change})
@@ -602,7 +633,8 @@ def _loop(plan: Plan, models: Models, state, failed, start: int, checkpoints: Ch
       # A model trains until its own iteration count, unless stopped for a non-finite loss.
       active = np.asarray([m not in failed and i < plan.iterations[m] for m in range(len(plan.groups))])
       tick = time.perf_counter()
-      state, losses, stepped = models.step(state, draws, active)  # host values: checked before anything is saved
+      scale = probe.settle if probe is not None and best.settled else 1.0
+      state, losses, stepped = models.step(state, draws, active, scale)  # host values: checked before anything is saved
       _stop_failed(i, plan, losses, active, stepped, failed, checkpoints)
       record = _record(i, plan, draws, losses, time.perf_counter() - tick)
       metrics.write(record)

@@ -231,6 +231,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     'probe.max_shown': _real(0, high=1),
     'probe.max_drop': _real(0, high=1),
     'probe.confirm_seeds': _whole(0),
+    'probe.settle': _real(0, above=True, high=1),
 
     'plan.devices': _whole(0),
     'plan.json': _text(),

@@ -13,7 +13,8 @@ The criteria hold when shown ≤ max_shown and worst_drop ≤ max_drop. With `co
 them is confirmed before the run stops: the same model draws from confirm_seeds more seeds (after the probe's), and
 the criteria must hold again on all the images together (the reading logged is the pooled one, `seeds` says how
 many). The first reading under the thresholds is where the probe's chance error leans the run's way; confirming it
-on more images is what keeps the run from stopping on a lucky draw. The best checkpoint is the one with the lowest
+on more images is what keeps the run from stopping on a lucky draw. A reading with the concept gone (shown ≤
+max_shown) settles the learning rate (train.Probe.settle). The best checkpoint is the one with the lowest
 shown + max(worst_drop, 0): a point of the concept left weighs as much as a point of another concept lost.
 """
 
@@ -82,7 +83,7 @@ class ShapesProbe:
     drops = {f'{kind}_drop': max(s[f'worst_other_{kind}']['drop'] for s in summaries) for kind in ('shape', 'colour')}
     return Reading({'shown': shown, 'worst_drop': worst_drop, **drops, 'seeds': images.shape[1]},
                    met=shown <= self.settings.max_shown and worst_drop <= self.settings.max_drop,
-                   score=shown + max(worst_drop, 0.0))
+                   score=shown + max(worst_drop, 0.0), concept_gone=shown <= self.settings.max_shown)
 
   def __call__(self, trained: dict[str, jax.Array]) -> Reading:
     images = self.draw(trained, 0, self.settings.seeds)
@@ -101,4 +102,4 @@ def shapes_probe(judge, concepts: Sequence[str], settings: ml_collections.Config
     if not world.is_concept(concept):
       raise ValueError(f'probe: {concept!r} is not one shape or one colour of the shapes world; the shapes probe '
                        f'measures erasing one of {world.SHAPES + world.COLOUR_NAMES}.')
-  return lambda pipe: Probe(settings.every, ShapesProbe(pipe, judge, list(concepts), settings))
+  return lambda pipe: Probe(settings.every, ShapesProbe(pipe, judge, list(concepts), settings), settings.settle)
