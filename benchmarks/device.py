@@ -130,7 +130,7 @@ def run_case(args, method: str, batch: int, models: int, unet, unet_config: dict
 
   def step(draws):
     nonlocal state
-    state, losses, _ = layout.step(state, draws, active, 1.0)
+    state, losses, _ = layout.step(state, draws, active, train.Settle())
     jax.block_until_ready(state)
     if not np.all(np.isfinite(losses)):
       raise RuntimeError(f'non-finite loss in case {method}:{batch}:{models}: {losses}')

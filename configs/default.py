@@ -181,10 +181,11 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0: a reading that meets the criteria is confirmed on this many more seeds (all images pooled) before the run
   # stops, so that it does not stop on a lucky draw of the probe's few seeds.
   config.probe.confirm_seeds = 0
-  # < 1: from the first reading that finds the concept gone (shown ≤ max_shown, the others not yet within max_drop),
-  # the learning rate is multiplied by this: the retain loss then repairs what the erasure broke in small steps,
-  # instead of the erasure going on at the rate that broke it.
-  config.probe.settle = 1.0
+  # From the first reading that finds the concept gone (shown ≤ max_shown) while the others are not yet within
+  # max_drop, the learning rate and the retain loss's λ are multiplied by these: the run shifts from erasing to
+  # repairing what the erasure broke (1, 1: no change).
+  config.probe.settle_learning_rate = 1.0
+  config.probe.settle_preserve_weight = 1.0
 
   # `plan`: compiles the erase step of this config from abstract parameters (no weights; the reference names
   # sd-v1-4, sd-v2-1, sdxl-base-1.0 work) and prints its memory per device, FLOPs and collectives.

@@ -253,9 +253,10 @@ def sampler_steps(objective: Objective) -> list[int]:
 
 
 def esd_loss(trained: Params, frozen: Params, layout: ParamLayout, objective: Objective, scheduler,
-             prompts: Prompts, draws: Draws) -> tuple[jax.Array, jax.Array]:
+             prompts: Prompts, draws: Draws, preserve_scale: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
   """(loss, x_t) of one iteration. Gradients flow to `trained` only: the student is the frozen tree with
-  the trained subset laid over it, so the base weights are held once."""
+  the trained subset laid over it, so the base weights are held once. `preserve_scale` multiplies λ (an input, so
+  that a run may change it without recompiling)."""
   batch = draws.x_T.shape[0]
   dtype = jnp.dtype(objective.compute_dtype)
   teacher = layout.module(frozen)
@@ -302,7 +303,7 @@ def esd_loss(trained: Params, frozen: Params, layout: ParamLayout, objective: Ob
   e_student = jnp.split(_predict(student, jnp.concatenate(inputs), draws.t, _cat(*sampled), dtype), len(sampled))
   loss = sum(jnp.mean(jnp.square(asked_at - target)) for asked_at in e_student[:concept_terms])
   if prompts.retain is not None:
-    loss += objective.preserve_weight * jnp.mean(jnp.square(e_student[-1] - jax.lax.stop_gradient(e[-1])))
+    loss += objective.preserve_weight * preserve_scale * jnp.mean(jnp.square(e_student[-1] - jax.lax.stop_gradient(e[-1])))
   return loss, x_t
 
 
@@ -357,20 +358,22 @@ def init_state(trained: Params, tx: optax.GradientTransformation) -> TrainState:
 
 
 def mean_esd_loss(trained: Params, frozen: Params, layout: ParamLayout, objective: Objective, scheduler,
-                  prompts: Prompts, draws: Draws) -> tuple[jax.Array, jax.Array]:
+                  prompts: Prompts, draws: Draws, preserve_scale: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
   """esd_loss averaged over draws stacked on a leading axis (several concepts in one step)."""
-  loss, x_t = jax.vmap(lambda d: esd_loss(trained, frozen, layout, objective, scheduler, prompts, d))(draws)
+  loss, x_t = jax.vmap(lambda d: esd_loss(trained, frozen, layout, objective, scheduler, prompts, d,
+                                          preserve_scale))(draws)
   return loss.mean(), x_t
 
 
 def train_step(state: TrainState, frozen: Params, prompts: Prompts, draws: Draws, *, layout: ParamLayout,
-               objective: Objective, scheduler, tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+               objective: Objective, scheduler, tx: optax.GradientTransformation,
+               preserve_scale: jax.Array | float = 1.0) -> tuple[TrainState, dict]:
   """One ESD iteration: loss, gradient of the trained subset, one Adam update. Pure; jit it with the
-  keyword arguments bound (they are static). Draws with a leading axis (draw's per_step) average the loss
-  over several concepts."""
+  keyword arguments bound (static, but for preserve_scale: esd_loss's). Draws with a leading axis (draw's
+  per_step) average the loss over several concepts."""
   loss_fn = esd_loss if draws.x_T.ndim == 4 else mean_esd_loss
   (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.trained, frozen, layout, objective, scheduler, prompts, draws)
+      state.trained, frozen, layout, objective, scheduler, prompts, draws, preserve_scale)
   updates, opt_state = tx.update(grads, state.opt_state, state.trained)
   return TrainState(state.step + 1, optax.apply_updates(state.trained, updates), opt_state), {'loss': loss}
 

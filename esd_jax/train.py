@@ -220,10 +220,10 @@ def run_metadata(config: ml_collections.ConfigDict, plan: Plan, pipe: StableDiff
 class Models(NamedTuple):
   """The run's trainable side: its initial state (and placement), the iteration-i draws, and one step.
 
-  step(state, draws, active, scale) → (state, losses, stepped): each model steps at its learning rate × scale;
-  losses and stepped are host arrays over the models (one entry for a one-model run); a model that did not step
-  keeps its state. lower() lowers the jitted step
-  for the initial state and an iteration's draws (what esd_jax.cost compiles and accounts for).
+  step(state, draws, active, settle) → (state, losses, stepped): each model steps with its learning rate and λ
+  times the Settle's factors; losses and stepped are host arrays over the models (one entry for a one-model run);
+  a model that did not step keeps its state. lower() lowers the jitted step for the initial state and an
+  iteration's draws (what esd_jax.cost compiles and accounts for).
   """
 
   state: esd.TrainState
@@ -294,21 +294,23 @@ def one_model(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) -> Mod
   draw = jax.jit(lambda i: setup.draw_one(jax.random.fold_in(base_key, i), len(plan.concepts), per_step),
                  out_shardings=draws_sh)
 
-  def train_step(state, frozen, prompts, draws, learning_rate):  # an input: erase-until's settle changes it
-    return esd.train_step(state, frozen, prompts, draws, tx=esd.optimizer(learning_rate), **setup.step_kwargs)
+  def train_step(state, frozen, prompts, draws, learning_rate, preserve_scale):  # inputs: erase-until settles them
+    return esd.train_step(state, frozen, prompts, draws, tx=esd.optimizer(learning_rate),
+                          preserve_scale=preserve_scale, **setup.step_kwargs)
   step_fn = jax.jit(train_step, in_shardings=(state_sh, setup.frozen_sharding,
                                               jax.tree.map(lambda a: a.sharding, prompts), draws_sh,
-                                              sharding.replicated(mesh)),
+                                              sharding.replicated(mesh), sharding.replicated(mesh)),
                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
-  rate = functools.cache(  # placed once per factor
-      lambda scale: distributed.put(np.float32(plan.learning_rates[0] * scale), sharding.replicated(mesh)))
+  scalars = functools.cache(  # placed once per settle
+      lambda settle: [distributed.put(np.float32(v), sharding.replicated(mesh))
+                      for v in (plan.learning_rates[0] * settle.learning_rate, settle.preserve_weight)])
 
-  def step(state, draws, active, scale):
-    state, metrics = step_fn(state, setup.frozen, prompts, draws, rate(scale))
+  def step(state, draws, active, settle):
+    state, metrics = step_fn(state, setup.frozen, prompts, draws, *scalars(settle))
     losses = np.asarray(metrics['loss']).reshape(1)
     return state, losses, np.isfinite(losses)
   return Models(state, state_sh, draw, step,
-                lambda: step_fn.lower(state, setup.frozen, prompts, draw.eval_shape(0), rate(1)))
+                lambda: step_fn.lower(state, setup.frozen, prompts, draw.eval_shape(0), *scalars(Settle())))
 
 
 def separate_models(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) -> Models:
@@ -342,8 +344,11 @@ def separate_models(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) 
                                   draws_sh, shared, split),
                     out_shardings=(state_sh, shared), donate_argnums=(0,))
 
-  def step(state, draws, active, scale):
-    state, metrics = step_fn(state, setup.frozen, prompts, draws, distributed.put(active, shared), rates(scale))
+  def step(state, draws, active, settle):
+    if settle.preserve_weight != 1:
+      raise RunError('A probe (erase until) measures one model: set erase.separate_models=False.')
+    state, metrics = step_fn(state, setup.frozen, prompts, draws, distributed.put(active, shared),
+                             rates(settle.learning_rate))
     return state, np.asarray(metrics['loss']).reshape(-1), np.asarray(metrics['active'])
   lower = lambda: step_fn.lower(state, setup.frozen, prompts, draw.eval_shape(0),
                                 jax.ShapeDtypeStruct((n_models,), jnp.bool_, sharding=shared), rates(1.0))
@@ -413,6 +418,13 @@ class Reading:
   concept_gone: bool = False  # the erased concept no longer shown, whatever the others' state
 
 
+class Settle(NamedTuple):
+  """Factors of the learning rate and of the retain loss's λ (1: unchanged)."""
+
+  learning_rate: float = 1.0
+  preserve_weight: float = 1.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Probe:
   """Measures the trained tensors (held layout, as the step trains them) every `every` iterations and at the end.
@@ -421,9 +433,9 @@ class Probe:
 
   every: int
   measure: Callable[[dict[str, jax.Array]], Reading]
-  # The learning rate's factor from the first reading that finds the concept gone: the run then repairs what the
-  # erasure damaged in smaller steps instead of erasing on at the rate that erased it (1: no change).
-  settle: float = 1.0
+  # From the first reading that finds the concept gone (the others not yet whole), the run trains with its learning
+  # rate and its retain loss's λ multiplied by these: the balance shifts from erasing to repairing.
+  settle: Settle = Settle()
 
 
 class _Best:
@@ -481,10 +493,11 @@ def _measure(probe: Probe, best: _Best, state, step: int, metrics: MetricsLog) -
   log.info('probe at iteration %d: %s%s', step, ', '.join(f'{k} {v:.3f}' for k, v in reading.numbers.items()),
            ' — criteria met, stopping' if reading.met else '')
   best.offer(step, reading, state.trained)
-  if reading.concept_gone and not reading.met and not best.settled and probe.settle != 1:
+  if reading.concept_gone and not reading.met and not best.settled and probe.settle != Settle():
     best.settle(step)
-    metrics.write({'event': 'settled', 'step': step, 'learning_rate_factor': probe.settle})
-    log.info('probe at iteration %d: the concept is gone; learning rate × %g from here', step, probe.settle)
+    metrics.write({'event': 'settled', 'step': step, **probe.settle._asdict()})
+    log.info('probe at iteration %d: the concept is gone; learning rate × %g and λ × %g from here', step,
+             *probe.settle)
   return reading.met
 
 
@@ -633,8 +646,8 @@ def _loop(plan: Plan, models: Models, state, failed, start: int, checkpoints: Ch
       # A model trains until its own iteration count, unless stopped for a non-finite loss.
       active = np.asarray([m not in failed and i < plan.iterations[m] for m in range(len(plan.groups))])
       tick = time.perf_counter()
-      scale = probe.settle if probe is not None and best.settled else 1.0
-      state, losses, stepped = models.step(state, draws, active, scale)  # host values: checked before anything is saved
+      settle = probe.settle if probe is not None and best.settled else Settle()
+      state, losses, stepped = models.step(state, draws, active, settle)  # host values: checked before anything is saved
       _stop_failed(i, plan, losses, active, stepped, failed, checkpoints)
       record = _record(i, plan, draws, losses, time.perf_counter() - tick)
       metrics.write(record)

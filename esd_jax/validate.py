@@ -231,7 +231,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     'probe.max_shown': _real(0, high=1),
     'probe.max_drop': _real(0, high=1),
     'probe.confirm_seeds': _whole(0),
-    'probe.settle': _real(0, above=True, high=1),
+    'probe.settle_learning_rate': _real(0, above=True),
+    'probe.settle_preserve_weight': _real(0, above=True),
 
     'plan.devices': _whole(0),
     'plan.json': _text(),

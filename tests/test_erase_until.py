@@ -16,7 +16,7 @@ from esd_jax.errors import RunError
 from esd_jax.validate import ConfigError
 from esd_jax.models.state_dict import stored
 from esd_jax.shapes_world import world
-from esd_jax.train import Probe, Reading, concept_list, retain_prompts, run_erasure
+from esd_jax.train import Probe, Reading, Settle, concept_list, retain_prompts, run_erasure
 
 
 def _config(model, workdir, iterations):
@@ -31,7 +31,8 @@ class Scripted:
   """A probe whose readings are given per iteration (what a judge would say), recording what it was shown: the
   loop's mechanics are under test here, the shapes world's judge in the erasure tests."""
 
-  def __init__(self, scores: dict[int, float], met_at: int | None = None, *, every: int = 2, settle: float = 1.0):
+  def __init__(self, scores: dict[int, float], met_at: int | None = None, *, every: int = 2,
+               settle: Settle = Settle()):
     self.scores, self.met_at, self.seen, self.calls = scores, met_at, {}, 0
     self.every, self.settle = every, settle
 
@@ -87,10 +88,11 @@ def test_a_fresh_run_ignores_a_probe_folder_left_behind(model, tmp_path):
 
 def test_a_reading_with_the_concept_gone_settles_the_learning_rate_for_the_rest_of_the_run(model, tmp_path):
   runs = {}
-  for name, settle, iterations in (('plain', 1.0, 3), ('settled', 0.5, 3), ('resumed', 0.5, 2)):
+  half = Settle(learning_rate=0.5)
+  for name, settle, iterations in (('plain', Settle(), 3), ('settled', half, 3), ('resumed', half, 2)):
     runs[name] = Scripted({1: 0.5, 2: 0.0, 3: 0.0}, met_at=3, every=1, settle=settle)
     run_erasure(_config(model, tmp_path / name, iterations), probe=runs[name])
-  run_erasure(_config(model, tmp_path / 'resumed', 3), probe=Scripted({3: 0.0}, met_at=3, every=1, settle=0.5))
+  run_erasure(_config(model, tmp_path / 'resumed', 3), probe=Scripted({3: 0.0}, met_at=3, every=1, settle=half))
   step = lambda name, i, k: runs[name].seen[i][k].astype(np.float64) - runs[name].seen[i - 1][k]
   for k in runs['plain'].seen[1]:
     np.testing.assert_array_equal(step('settled', 2, k), step('plain', 2, k))  # the reading at 2 settles
@@ -100,7 +102,8 @@ def test_a_reading_with_the_concept_gone_settles_the_learning_rate_for_the_rest_
   resumed = load_file(tmp_path / 'resumed' / 'probe' / 'best.safetensors')
   assert all(np.array_equal(resumed[k], stored(runs['settled'].seen[3][k])) for k in resumed)
   events = [json.loads(line) for line in (tmp_path / 'settled' / 'metrics.jsonl').read_text().splitlines()]
-  assert [e['step'] for e in events if e.get('event') == 'settled'] == [2]
+  assert [e for e in events if e.get('event') == 'settled'] == [
+      {'event': 'settled', 'step': 2, 'learning_rate': 0.5, 'preserve_weight': 1.0}]
   assert json.loads((tmp_path / 'resumed' / 'probe' / 'settled.json').read_text()) == {'step': 2}
 
 

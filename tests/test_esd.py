@@ -49,11 +49,12 @@ def _ours(convention: str, erase_from: bool, retain: bool = False):
   One compilation per convention serves every method: at the first step the student equals the frozen
   model (so x_t does not depend on what trains), a tensor's gradient does not depend on which other tensors
   train, and Adam updates each element on its own. `notime` contains esd-x, esd-u and esd-x-strict and is
-  still a partial overlay on the frozen tree. `retain`: with the preservation term, retain prompt 1 drawn.
+  still a partial overlay on the frozen tree. `retain`: with the preservation term, retain prompt 1 drawn, its
+  λ = 0.7 given as 0.35 × the step's preserve_scale 2 (the input erase-until's settle changes).
   """
   _, ours, emb, x_T = _setup()
   layout, frozen = split_flat(ours)
-  objective = esd.Objective(convention=convention, negative_guidance=ETA, ddim_steps=STEPS, preserve_weight=0.7)
+  objective = esd.Objective(convention=convention, negative_guidance=ETA, ddim_steps=STEPS, preserve_weight=0.35)
   scheduler = objective.scheduler(SCHEDULER)
   cond = lambda name: Conditioning(jnp.asarray(emb[name]))
   prompts = esd.Prompts(cond('uncond'), cond('concept'), cond('from') if erase_from else None,
@@ -63,7 +64,7 @@ def _ours(convention: str, erase_from: bool, retain: bool = False):
   trained = {k: frozen[k] for k in trained_keys(frozen, 'notime')}
   loss_fn = jax.jit(jax.value_and_grad(functools.partial(esd.esd_loss, layout=layout, objective=objective,
                                                          scheduler=scheduler), has_aux=True))
-  (loss, x_t), grads = loss_fn(trained, frozen, prompts=prompts, draws=draws)
+  (loss, x_t), grads = loss_fn(trained, frozen, prompts=prompts, draws=draws, preserve_scale=2.0)
   tx = esd.optimizer(LR)
   updates, _ = tx.update(grads, tx.init(trained), trained)
   return float(loss), np.asarray(x_t), grads, optax.apply_updates(trained, updates)

@@ -14,8 +14,8 @@ them is confirmed before the run stops: the same model draws from confirm_seeds 
 the criteria must hold again on all the images together (the reading logged is the pooled one, `seeds` says how
 many). The first reading under the thresholds is where the probe's chance error leans the run's way; confirming it
 on more images is what keeps the run from stopping on a lucky draw. A reading with the concept gone (shown ≤
-max_shown) settles the learning rate (train.Probe.settle). The best checkpoint is the one with the lowest
-shown + max(worst_drop, 0): a point of the concept left weighs as much as a point of another concept lost.
+max_shown) settles the run (train.Settle: its learning rate and λ changed). The best checkpoint is the one with the
+lowest shown + max(worst_drop, 0): a point of the concept left weighs as much as a point of another concept lost.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from esd_jax.errors import RunError
 from esd_jax.generate import text_to_image_models
 from esd_jax.pipeline import StableDiffusion
 from esd_jax.shapes_world import measure, world
-from esd_jax.train import Probe, Reading
+from esd_jax.train import Probe, Reading, Settle
 
 FIRST_SEED = 1000  # probe seeds are FIRST_SEED…: none is an evaluation seed
 MIN_ORIGINAL = 0.9  # the original model's shape and colour accuracy the probe must see
@@ -102,4 +102,5 @@ def shapes_probe(judge, concepts: Sequence[str], settings: ml_collections.Config
     if not world.is_concept(concept):
       raise ValueError(f'probe: {concept!r} is not one shape or one colour of the shapes world; the shapes probe '
                        f'measures erasing one of {world.SHAPES + world.COLOUR_NAMES}.')
-  return lambda pipe: Probe(settings.every, ShapesProbe(pipe, judge, list(concepts), settings), settings.settle)
+  settle = Settle(settings.settle_learning_rate, settings.settle_preserve_weight)
+  return lambda pipe: Probe(settings.every, ShapesProbe(pipe, judge, list(concepts), settings), settle)
