@@ -8,7 +8,7 @@ erase-until: every 25 iterations a probe (16 seeds × the 16 prompts, 25 DDIM st
 the model being trained, and the run stops as soon as the concept is shown in ≤ 2.5 % of the probe's images with no
 other shape's or colour's accuracy down by more than 2.5 points, confirmed on 48 more seeds (all 64 pooled);
 otherwise it exports the best model it measured after train.iterations. From the first reading with the concept gone
-the retain loss weighs 5 × more (probe.settle_preserve_weight): the run turns from erasing to repairing. The stopping thresholds sit inside the criteria the erasure is judged by (≤ 5 % shown,
+the run settles (probe.settle_*): a fifth of the learning rate, 5 × λ: it turns from erasing to repairing. The stopping thresholds sit inside the criteria the erasure is judged by (≤ 5 % shown,
 ≤ 3 points lost, on 64 seeds): stopped at the first reading under the criteria themselves, a run stops where the
 probe's chance error leans its way, and the final measurement lands on the threshold. README "Erasing any concept"
 has what each setting did and `python benchmarks/any_concept.py` runs it over the 8 concepts × 3 seeds.
@@ -41,6 +41,11 @@ def get_config():
   # the retain loss was repairing a colour that the erasure, going on at full rate after the concept was gone, had
   # broken (red: 100 → 0 % → 96 %).
   config.probe.confirm_seeds = 48
+  # Settled from the first reading with the concept gone. Each alone was not enough on yellow (seed 2), whose
+  # erasure takes red with it: a fifth of the rate slowed the collapse of red but did not stop it (−19 → −100
+  # points over 100 iterations), 5 × λ at full rate held it between −5 and −48 points for 250; both together
+  # brought it to −1.2 (64 seeds) in 50 iterations.
+  config.probe.settle_learning_rate = 0.2
   config.probe.settle_preserve_weight = 5.0
   config.evaluate.seeds = 64  # the measurement
   return config
