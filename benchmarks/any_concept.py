@@ -5,6 +5,7 @@ concept (and the training seed) changed, and measure each erased model against t
     python benchmarks/any_concept.py --concepts square red --seeds 0 --eval-seeds 16 --out /tmp/any
     python benchmarks/any_concept.py --config configs/default.py --set train.iterations=200   # plain ESD, compared
     python benchmarks/any_concept.py --grid docs/images/any_concept.png   # + the runs' pictures, one per seed
+    python benchmarks/any_concept.py --measured-only                      # the table of a sweep in progress
 
 Each run is `main.py erase --config=CONFIG --config.erase.concepts="('CONCEPT',)" --config.train.seed=SEED` in its own
 workdir under --out; the original model's images are generated once (--out/original), and a run already measured
@@ -99,6 +100,8 @@ def main():
   parser.add_argument('--set', nargs='*', default=[], metavar='FIELD=VALUE', help='config overrides for every run')
   parser.add_argument('--out', type=Path, default=Path('outputs/any_concept'))
   parser.add_argument('--json', type=Path, help='also write the rows here')
+  parser.add_argument('--measured-only', action='store_true',
+                      help='the rows of the runs already measured, training none (a sweep in progress)')
   parser.add_argument('--grid', type=Path, help='also draw the runs (module docstring): a PNG per training seed, '
                       'named with -seed{S} unless one seed runs')
   args = parser.parse_args()
@@ -110,6 +113,8 @@ def main():
   rows = []
   for concept in args.concepts:
     for seed in args.seeds:
+      if args.measured_only and not (args.out / f'{concept}-{seed}' / 'report.json').is_file():
+        continue
       r = run(args.config, concept, seed, args.out / f'{concept}-{seed}', args.eval_seeds, args.set)
       rows.append(r)
       if 'error' in r:
