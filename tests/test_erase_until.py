@@ -172,6 +172,10 @@ def test_the_any_concept_procedure_end_to_end_on_the_shapes_world(tmp_path):
   # A reading that met the criteria on its 2 seeds was confirmed on 2 more: the one logged is on all 4 (one that
   # failed its confirmation too).
   assert probes[-1]['seeds'] == 4 and {p['seeds'] for p in probes} <= {2, 4}, probes
+  # Settled (if at all) once, at the first reading with the circle gone that did not meet the criteria.
+  events = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  gone = [p['step'] for p in probes if p['shown'] <= config.probe.max_shown and not p['met']]
+  assert [e['step'] for e in events if e.get('event') == 'settled'] == gone[:1]
   best = json.loads((tmp_path / 'probe' / 'best.json').read_text())
   assert best['met'] and probes[-1]['met'] and result.metadata['probe'] == best
   # Stopped at the first reading that met the criteria, and exported that model.
