@@ -37,14 +37,14 @@ def get_config():
   config.probe.max_shown = 0.025  # at most 1 of the concept's 64 probe images
   config.probe.max_drop = 0.025  # at most 1 image of any other concept's 48–64
   # A stop on 16 seeds alone missed the criteria in 4 of 24 runs, each by 3.1–3.9 points: green stopped with red
-  # whole on the probe's 64 red images and 3.5 points down on the measurement's 256; three others stopped while
-  # the retain loss was repairing a colour that the erasure, going on at full rate after the concept was gone, had
-  # broken (red: 100 → 0 % → 96 %).
+  # whole on the probe's 64 red images and 3.5 points down on the measurement's 256; blue and yellow stopped while
+  # the retain loss was repairing red, which the erasure, going on at full rate after the concept was gone, had
+  # broken (100 → 0 % → 96 %); square stopped with triangle 3 points down.
   config.probe.confirm_seeds = 48
   # Settled from the first reading with the concept gone. Each alone was not enough on yellow (seed 2), whose
   # erasure takes red with it: a fifth of the rate slowed the collapse of red but did not stop it (−19 → −100
-  # points over 100 iterations), 5 × λ at full rate held it between −5 and −48 points for 250; both together
-  # brought it to −1.2 (64 seeds) in 50 iterations.
+  # points over 100 iterations), 5 × λ at full rate let it swing between −5 and −48 points for 250 iterations
+  # (met at 350); both together brought it to −1.2 (64 probe seeds) in 50 and kept yellow's shapes.
   config.probe.settle_learning_rate = 0.2
   config.probe.settle_preserve_weight = 5.0
   config.evaluate.seeds = 64  # the measurement
