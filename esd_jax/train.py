@@ -442,7 +442,7 @@ class _Best:
   """The best-scored measurement of a run and its trained tensors, kept in workdir/probe (best.json and
   best.safetensors, stored layout), so that a resumed run knows it; `met` once a measurement met the criteria;
   `settled`, the iteration whose reading first found the concept gone (settled.json), from which the run trains
-  at the probe's settle factor. Every process keeps the same record (each measured alike), so all take the same
+  with the probe's settle factors. Every process keeps the same record (each measured alike), so all take the same
   branches and collectives."""
 
   def __init__(self, folder: Path):
@@ -452,8 +452,12 @@ class _Best:
     self.settled = settled and settled['step']
 
   def forget(self) -> None:
-    """A run starting afresh: a probe folder left by an earlier run is not this run's."""
+    """A run starting afresh: a probe folder left by an earlier run is not this run's (nor, once deleted, a resume's
+    of this run before its first reading)."""
     self.record = self.settled = None
+    if distributed.is_main():
+      for name in ('best.json', 'best.safetensors', 'settled.json'):
+        (self.folder / name).unlink(missing_ok=True)
 
   def settle(self, step: int) -> None:
     self.settled = step
@@ -484,8 +488,8 @@ class _Best:
 
 
 def _measure(probe: Probe, best: _Best, state, step: int, metrics: MetricsLog) -> bool:
-  """Probes the state of iteration `step`, logs and ranks the reading, settles the learning rate the first time
-  the concept is gone; True when the criteria hold."""
+  """Probes the state of iteration `step`, logs and ranks the reading, settles the run the first time the
+  concept is gone; True when the criteria hold."""
   tick = time.perf_counter()
   reading = probe.measure(state.trained)
   metrics.write({'event': 'probe', 'step': step, **reading.numbers, 'score': reading.score, 'met': reading.met,

@@ -81,9 +81,11 @@ def test_a_fresh_run_ignores_a_probe_folder_left_behind(model, tmp_path):
   run_erasure(_config(model, tmp_path, 2), probe=Scripted({2: 0.0}, met_at=2))
   for path in (tmp_path / 'checkpoints', tmp_path / 'metrics.jsonl'):
     shutil.rmtree(path) if path.is_dir() else path.unlink()
+  (tmp_path / 'probe' / 'settled.json').write_text('{"step": 2}')  # as if the earlier run had settled
   probe = Scripted({2: 0.5, 4: 0.7})
   result = run_erasure(_config(model, tmp_path, 4), probe=probe)
   assert result.metadata['probe']['step'] == 2 and not result.metadata['probe']['met']
+  assert not (tmp_path / 'probe' / 'settled.json').exists()
 
 
 def test_a_reading_with_the_concept_gone_settles_the_learning_rate_for_the_rest_of_the_run(model, tmp_path):
