@@ -8,10 +8,11 @@ erase-until: every 25 iterations a probe (16 seeds × the 16 prompts, 25 DDIM st
 the model being trained, and the run stops as soon as the concept is shown in ≤ 2.5 % of the probe's images with no
 other shape's or colour's accuracy down by more than 2.5 points, confirmed on 48 more seeds (all 64 pooled);
 otherwise it exports the best model it measured after train.iterations. From the first reading with the concept gone
-the run settles (probe.settle_*): a fifth of the learning rate, 5 × λ: it turns from erasing to repairing. The stopping thresholds sit inside the criteria the erasure is judged by (≤ 5 % shown,
-≤ 3 points lost, on 64 seeds): stopped at the first reading under the criteria themselves, a run stops where the
-probe's chance error leans its way, and the final measurement lands on the threshold. README "Erasing any concept"
-has what each setting did and `python benchmarks/any_concept.py` runs it over the 8 concepts × 3 seeds.
+the run settles (probe.settle_*): a fifth of the learning rate, 5 × λ: it turns from erasing to repairing. The
+stopping thresholds sit inside the criteria the erasure is judged by (≤ 5 % shown, ≤ 3 points lost, on 64 seeds):
+stopped at the first reading under the criteria themselves, a run stops where the probe's chance error leans its
+way, and the final measurement lands on the threshold. README "Erasing any concept" has what each setting did and
+`python benchmarks/any_concept.py` runs it over the 8 concepts × 3 seeds.
 """
 
 from configs.default import get_config as default_config

@@ -303,7 +303,8 @@ def esd_loss(trained: Params, frozen: Params, layout: ParamLayout, objective: Ob
   e_student = jnp.split(_predict(student, jnp.concatenate(inputs), draws.t, _cat(*sampled), dtype), len(sampled))
   loss = sum(jnp.mean(jnp.square(asked_at - target)) for asked_at in e_student[:concept_terms])
   if prompts.retain is not None:
-    loss += objective.preserve_weight * preserve_scale * jnp.mean(jnp.square(e_student[-1] - jax.lax.stop_gradient(e[-1])))
+    retain_error = jnp.mean(jnp.square(e_student[-1] - jax.lax.stop_gradient(e[-1])))
+    loss += objective.preserve_weight * preserve_scale * retain_error
   return loss, x_t
 
 
@@ -358,7 +359,8 @@ def init_state(trained: Params, tx: optax.GradientTransformation) -> TrainState:
 
 
 def mean_esd_loss(trained: Params, frozen: Params, layout: ParamLayout, objective: Objective, scheduler,
-                  prompts: Prompts, draws: Draws, preserve_scale: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
+                  prompts: Prompts, draws: Draws,
+                  preserve_scale: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
   """esd_loss averaged over draws stacked on a leading axis (several concepts in one step)."""
   loss, x_t = jax.vmap(lambda d: esd_loss(trained, frozen, layout, objective, scheduler, prompts, d,
                                           preserve_scale))(draws)

@@ -330,7 +330,7 @@ def separate_models(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) 
   # Adam's state does not depend on the learning rate: each model's own is passed to the step.
   init = jax.vmap(functools.partial(esd.init_state, tx=esd.optimizer(plan.learning_rates[0])))
   state, state_sh = setup.initial_state(trained, trained_sh, init)
-  rates = functools.cache(lambda scale: setup.place(np.asarray(plan.learning_rates, np.float32) * scale, split))
+  rates = setup.place(np.asarray(plan.learning_rates, np.float32), split)
   seeds, sizes = jnp.arange(n_models) + train.seed, jnp.asarray([len(g) for g in plan.groups])
 
   def draw_all(i):
@@ -345,13 +345,12 @@ def separate_models(setup: Setup, plan: Plan, train: ml_collections.ConfigDict) 
                     out_shardings=(state_sh, shared), donate_argnums=(0,))
 
   def step(state, draws, active, settle):
-    if settle.preserve_weight != 1:
+    if settle != Settle():  # settles come from a probe, which run_erasure allows one model only
       raise RunError('A probe (erase until) measures one model: set erase.separate_models=False.')
-    state, metrics = step_fn(state, setup.frozen, prompts, draws, distributed.put(active, shared),
-                             rates(settle.learning_rate))
+    state, metrics = step_fn(state, setup.frozen, prompts, draws, distributed.put(active, shared), rates)
     return state, np.asarray(metrics['loss']).reshape(-1), np.asarray(metrics['active'])
   lower = lambda: step_fn.lower(state, setup.frozen, prompts, draw.eval_shape(0),
-                                jax.ShapeDtypeStruct((n_models,), jnp.bool_, sharding=shared), rates(1.0))
+                                jax.ShapeDtypeStruct((n_models,), jnp.bool_, sharding=shared), rates)
   return Models(state, state_sh, draw, step, lower)
 
 
@@ -651,7 +650,8 @@ def _loop(plan: Plan, models: Models, state, failed, start: int, checkpoints: Ch
       active = np.asarray([m not in failed and i < plan.iterations[m] for m in range(len(plan.groups))])
       tick = time.perf_counter()
       settle = probe.settle if probe is not None and best.settled else Settle()
-      state, losses, stepped = models.step(state, draws, active, settle)  # host values: checked before anything is saved
+      # Host values: checked before anything is saved.
+      state, losses, stepped = models.step(state, draws, active, settle)
       _stop_failed(i, plan, losses, active, stepped, failed, checkpoints)
       record = _record(i, plan, draws, losses, time.perf_counter() - tick)
       metrics.write(record)
