@@ -1,13 +1,14 @@
-"""Would a confirmed stop (probe.confirm_seeds) have stopped the runs of an any-concept sweep where they stopped?
+"""Would configs/any_concept.py's confirmation have stopped the runs of an any-concept sweep where they stopped?
 
-    python benchmarks/confirm_stops.py --out outputs/any_concept [--confirm-seeds 48]
+    python benchmarks/confirm_stops.py --out outputs/any_concept [--runs yellow-0 blue-1]
 
 For every run folder CONCEPT-SEED under --out (benchmarks/any_concept.py's) that the probe stopped, the model it
-stopped with (probe/best.safetensors, the exported one) is probed again as configs/any_concept.py's probe would with
---config.probe.confirm_seeds: first on the probe's own seeds (which must reproduce the reading the run logged), then on
-the confirmation seeds, all images pooled. A run whose pooled reading still meets the criteria would have stopped at
-the same iteration with the same model, so its final measurement stands unchanged; one whose pooled reading fails
-would have trained on, and must be run again with the confirmation.
+stopped with (probe/best.safetensors, the exported one) is read by the config's confirmation (probe.confirm_seeds,
+confirm_steps, confirm_max_drop): the probe's seeds and the confirmation's, pooled. Erase-until changes nothing
+but when a run stops, so a run of an earlier procedure (same settings but the confirmation) whose model passes would
+have stopped there again with the same model, and its final measurement stands, unless the confirmation had passed
+one of its earlier attempts, which that procedure failed (listed: their models are not kept); a run that fails would
+have trained on, and must be run again.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ sys.path.insert(0, str(ROOT))
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--out', type=Path, default=Path('outputs/any_concept'))
-  parser.add_argument('--confirm-seeds', type=int, default=48)
   parser.add_argument('--runs', nargs='*', help='run folder names (CONCEPT-SEED); default: every one under --out')
   args = parser.parse_args()
 
@@ -38,12 +38,12 @@ def main():
 
   config = get_config()
   settings = config.probe.copy_and_resolve_references()
-  settings.confirm_seeds = args.confirm_seeds
   pipe = load_model(config)
   probe = ShapesProbe(pipe, load_judge(), [], settings)
-  pct = lambda r: f'{100 * r.numbers["shown"]:.1f} % shown, worst drop {100 * r.numbers["worst_drop"]:.1f}'
-  print(f'| run | stopped at | logged ({settings.seeds} seeds) | again ({settings.seeds} seeds) | pooled '
-        f'({settings.seeds + args.confirm_seeds} seeds) | confirmed |')
+  pct = lambda numbers: f'{100 * numbers["shown"]:.1f} % shown, worst drop {100 * numbers["worst_drop"]:.1f}'
+  pooled = settings.seeds + settings.confirm_seeds
+  print(f'| run | stopped at | logged | earlier attempts | confirmation ({pooled} seeds × {settings.confirm_steps} '
+        f'steps, ≤ {100 * settings.confirm_max_drop:g} points) | confirmed |')
   print('|---|---:|---|---|---|---|', flush=True)
   confirmed = []
   runs = [args.out / name for name in args.runs] if args.runs else sorted(args.out.iterdir())
@@ -51,15 +51,16 @@ def main():
     best = json.loads((run / 'probe' / 'best.json').read_text())
     if not best['met']:
       continue
+    events = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+    earlier = [e for e in events
+               if e.get('event') == 'probe' and e['seeds'] > settings.seeds and e['step'] < best['step']]
     probe.concepts = [run.name.rsplit('-', 1)[0]]
     trained = weights_overlay(pipe, load_file(run / 'probe' / 'best.safetensors'))
-    images = probe.draw(trained, 0, settings.seeds)
-    again = probe.reading(images)
-    pooled = probe.confirmed(trained, images)
-    confirmed.append(pooled.met)
-    print(f'| {run.name} | {best["step"]} | {100 * best["shown"]:.1f} % shown, worst drop '
-          f'{100 * best["worst_drop"]:.1f} | {pct(again)} | {pct(pooled)} | {"yes" if pooled.met else "no"} |',
-          flush=True)
+    reading = probe.confirmed(trained, probe.draw(trained, 0, settings.seeds, settings.steps))
+    confirmed.append(reading.met)
+    print(f'| {run.name} | {best["step"]} | {pct(best)} ({best["seeds"]} seeds) | '
+          + ('; '.join(f'{e["step"]}: {pct(e)}' for e in earlier) or 'none')
+          + f' | {pct(reading.numbers)} | {"yes" if reading.met else "no"} |', flush=True)
   print(f'\nconfirmed: {sum(confirmed)} of {len(confirmed)} stops')
 
 

@@ -52,7 +52,8 @@ def main():
     row = [run.name, '; '.join(cells)]
     for probe in probes.values():
       probe.concepts = [run.name.rsplit('-', 1)[0]]
-      reading = probe.reading(probe.draw(trained, 0, args.seeds)).numbers
+      steps = probe.settings.steps
+      reading = probe.reading(probe.draw(trained, 0, args.seeds, steps), steps, probe.settings.max_drop).numbers
       row.append('; '.join(points(reading[k]) for k in ('shown', 'shape_drop', 'colour_drop')))
     print('| ' + ' | '.join(row) + ' |', flush=True)
 

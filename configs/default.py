@@ -181,6 +181,10 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0: a reading that meets the criteria is confirmed on this many more seeds (all images pooled) before the run
   # stops, so that it does not stop on a lucky draw of the probe's few seeds.
   config.probe.confirm_seeds = 0
+  # The confirmed (pooled) reading's DDIM steps and bound on the worst drop: steps' and max_drop's unless set
+  # (references derived from them, so that setting these leaves those alone).
+  config.probe.confirm_steps = config.probe.get_ref('steps') * 1
+  config.probe.confirm_max_drop = config.probe.get_ref('max_drop') * 1.0
   # From the first reading that finds the concept gone (shown ≤ max_shown) while the others are not yet within
   # max_drop, the learning rate and the retain loss's λ are multiplied by these: the run shifts from erasing to
   # repairing what the erasure broke (1, 1: no change).

@@ -230,7 +230,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     'probe.guidance_scale': _real(0),
     'probe.max_shown': _real(0, high=1),
     'probe.max_drop': _real(0, high=1),
+    'probe.confirm_max_drop': _real(0, high=1),
     'probe.confirm_seeds': _whole(0),
+    'probe.confirm_steps': _whole(1),
     'probe.settle_learning_rate': _real(0, above=True),
     'probe.settle_preserve_weight': _real(0, above=True),
 

@@ -197,3 +197,37 @@ def test_the_any_concept_procedure_end_to_end_on_the_shapes_world(tmp_path):
   coarse.steps = 2
   with pytest.raises(RunError, match='raise --config.probe.steps'):
     shapes_probe(load_judge(), ['circle'], coarse)(result.pipe)
+
+
+def test_the_shapes_probe_confirms_at_its_own_steps_and_bound():
+  """The confirmation (probe.confirm_*) draws the probe's seeds and confirm_seeds more at confirm_steps, reusing the
+  probe's images only when the steps are the same, and the pooled reading is met against confirm_max_drop."""
+  from configs.any_concept import get_config as any_concept
+  from esd_jax.loading import load_model
+  from esd_jax.shapes_world.measure import load_judge
+  from esd_jax.shapes_world.probe import ShapesProbe
+
+  config = any_concept()
+  settings = config.probe.copy_and_resolve_references()
+  settings.update(seeds=2, confirm_seeds=1, confirm_steps=10, confirm_max_drop=0.2)
+  probe = ShapesProbe(load_model(config), load_judge(), ['circle'], settings)
+  calls, draw = [], probe.draw
+  probe.draw = lambda overlay, first, count, steps: calls.append((bool(overlay), first, count, steps)) or draw(
+      overlay, first, count, steps)
+  images = probe.draw({}, 0, 2, settings.steps)
+  calls.clear()
+  reading = probe.confirmed({}, images)  # the original model, read against itself
+  assert calls == [(False, 0, 3, 10)] * 2 and probe.original[10].shape[1] == 3  # the model's draw, the original's
+  assert reading.numbers['seeds'] == 3 and reading.numbers['worst_drop'] == 0 and not reading.met  # circles shown
+  probe.settings.confirm_steps = settings.steps
+  calls.clear()
+  probe.confirmed({}, images)
+  assert calls == [(False, 2, 1, settings.steps)] * 2  # the model's third seed, then the original's
+  # An erasure: every circle prompt's images blank, and one green square (one of square's 8 images: 12.5 points, one
+  # of green's 6 on the prompts without a circle: 16.7).
+  erased = probe.original[settings.steps][:, :2].copy()
+  erased[[world.PROMPTS.index(p) for p in world.PROMPTS if 'circle' in p]] = 1.0
+  erased[world.PROMPTS.index('a green square'), 0] = 1.0
+  numbers = probe.reading(erased, settings.steps, 0.2).numbers
+  assert numbers['shown'] == 0 and numbers['shape_drop'] == 1 / 8 and numbers['worst_drop'] == pytest.approx(1 / 6)
+  assert probe.reading(erased, settings.steps, 0.17).met and not probe.reading(erased, settings.steps, 0.16).met

@@ -10,8 +10,9 @@ the report (measure.erasure_summary) against the original model's images from th
               (shape_drop and colour_drop: the largest of each kind)
 
 The criteria hold when shown ≤ max_shown and worst_drop ≤ max_drop. With `confirm_seeds` > 0 a reading that meets
-them is confirmed before the run stops: the same model draws from confirm_seeds more seeds (after the probe's), and
-the criteria must hold again on all the images together (the reading logged is the pooled one, `seeds` says how
+them is confirmed before the run stops: the same model draws confirm_seeds more seeds (after the probe's) with
+confirm_steps DDIM steps (the probe's seeds too when those differ from its steps), and the criteria must hold again on
+all the images together, with worst_drop ≤ confirm_max_drop (the reading logged is the pooled one, `seeds` says how
 many). The first reading under the thresholds is where the probe's chance error leans the run's way; confirming it
 on more images is what keeps the run from stopping on a lucky draw. A reading with the concept gone (shown ≤
 max_shown) settles the run (train.Settle: its learning rate and λ changed). The best checkpoint is the one with the
@@ -43,14 +44,14 @@ class ShapesProbe:
   judge: object
   concepts: Sequence[str]
   settings: ml_collections.ConfigDict
-  original: np.ndarray = dataclasses.field(init=False)  # the original model's images, (prompts, seeds, …)
-  _judged: dict = dataclasses.field(init=False, default_factory=dict)  # the original's reports, by number of seeds
+  # The original model's images (prompts, seeds, …) and the judge's reports of their first seeds, by DDIM steps.
+  original: dict[int, np.ndarray] = dataclasses.field(init=False, default_factory=dict)
+  _judged: dict[tuple[int, int], dict] = dataclasses.field(init=False, default_factory=dict)
 
   def __post_init__(self):
-    self.original = self.draw({}, 0, self.settings.seeds)
     # With too few sampler steps every image is a blob: erased and original alike show nothing, and the criteria
     # would hold from the first reading. The probe must first see the original model draw the world.
-    report = self._original_report(self.settings.seeds)
+    report = self._original_report(self.settings.seeds, self.settings.steps)
     seen = {key: measure.mean_rate(report, key, world.PROMPTS) for key in ('shape', 'colour')}
     if min(seen.values()) < MIN_ORIGINAL:
       raise RunError(f'The probe sees the original model draw the prompted shape in {seen["shape"]:.0%} and colour in '
@@ -58,42 +59,50 @@ class ShapesProbe:
                      f'steps); it needs {MIN_ORIGINAL:.0%} of both to tell an erasure from noise: raise '
                      '--config.probe.steps (25 by default) or --config.probe.seeds.')
 
-  def draw(self, overlay: dict[str, jax.Array], first: int, count: int) -> np.ndarray:
-    """(prompts, seeds, …) images of probe seeds first … first + count − 1 (after FIRST_SEED)."""
+  def draw(self, overlay: dict[str, jax.Array], first: int, count: int, steps: int) -> np.ndarray:
+    """(prompts, seeds, …) images of probe seeds first … first + count − 1 (after FIRST_SEED) in `steps` DDIM steps."""
     seeds = range(FIRST_SEED + first, FIRST_SEED + first + count)
-    images = text_to_image_models(self.pipe, [overlay], world.PROMPTS, seeds, num_inference_steps=self.settings.steps,
+    images = text_to_image_models(self.pipe, [overlay], world.PROMPTS, seeds, num_inference_steps=steps,
                                   guidance_scale=self.settings.guidance_scale)[0]
     return np.swapaxes(images, 0, 1)
 
-  def _original_report(self, seeds: int) -> dict[str, dict]:
-    """The judge's report of the original model's first `seeds` probe seeds, drawn and judged once."""
-    if seeds not in self._judged:
-      drawn = self.original.shape[1]
-      if drawn < seeds:
-        self.original = np.concatenate([self.original, self.draw({}, drawn, seeds - drawn)], axis=1)
-      self._judged[seeds] = measure.score(self.judge, world.PROMPTS, self.original[:, :seeds])
-    return self._judged[seeds]
+  def _original_report(self, seeds: int, steps: int) -> dict[str, dict]:
+    """The judge's report of the original model's first `seeds` probe seeds at `steps`, drawn and judged once."""
+    if (seeds, steps) not in self._judged:
+      drawn = self.original.get(steps)
+      have = 0 if drawn is None else drawn.shape[1]
+      if have < seeds:
+        more = self.draw({}, have, seeds - have, steps)
+        self.original[steps] = drawn = more if drawn is None else np.concatenate([drawn, more], axis=1)
+      self._judged[seeds, steps] = measure.score(self.judge, world.PROMPTS, drawn[:, :seeds])
+    return self._judged[seeds, steps]
 
-  def reading(self, images: np.ndarray) -> Reading:
-    """The reading of images (prompts, seeds, …) of the probe's first seeds, against the original's from those."""
-    base, report = self._original_report(images.shape[1]), measure.score(self.judge, world.PROMPTS, images)
+  def reading(self, images: np.ndarray, steps: int, max_drop: float) -> Reading:
+    """The reading of images (prompts, seeds, …) of the probe's first seeds drawn with `steps`, against the
+    original's from those; met with worst_drop ≤ max_drop."""
+    base, report = self._original_report(images.shape[1], steps), measure.score(self.judge, world.PROMPTS, images)
     summaries = [measure.erasure_summary(base, report, c) for c in self.concepts]
     shown = max(s['erased_rate'] for s in summaries)
     worst_drop = max(s['max_other_drop'] for s in summaries)
     drops = {f'{kind}_drop': max(s[f'worst_other_{kind}']['drop'] for s in summaries) for kind in ('shape', 'colour')}
     return Reading({'shown': shown, 'worst_drop': worst_drop, **drops, 'seeds': images.shape[1]},
-                   met=shown <= self.settings.max_shown and worst_drop <= self.settings.max_drop,
+                   met=shown <= self.settings.max_shown and worst_drop <= max_drop,
                    score=shown + max(worst_drop, 0.0), concept_gone=shown <= self.settings.max_shown)
 
   def __call__(self, trained: dict[str, jax.Array]) -> Reading:
-    images = self.draw(trained, 0, self.settings.seeds)
-    first = self.reading(images)
-    return self.confirmed(trained, images) if first.met and self.settings.get('confirm_seeds', 0) else first
+    settings = self.settings
+    images = self.draw(trained, 0, settings.seeds, settings.steps)
+    first = self.reading(images, settings.steps, settings.max_drop)
+    return self.confirmed(trained, images) if first.met and settings.confirm_seeds else first
 
   def confirmed(self, trained: dict[str, jax.Array], images: np.ndarray) -> Reading:
-    """The reading on `images` (the probe's seeds) and on confirm_seeds more, pooled."""
-    more = self.draw(trained, self.settings.seeds, self.settings.confirm_seeds)
-    return self.reading(np.concatenate([images, more], axis=1))
+    """The reading of the probe's seeds and confirm_seeds more, pooled, at confirm_steps (`images`, the probe's
+    seeds at its own steps, reused when those are the same)."""
+    settings = self.settings
+    kept = images if settings.confirm_steps == settings.steps else images[:, :0]
+    more = self.draw(trained, kept.shape[1], settings.seeds + settings.confirm_seeds - kept.shape[1],
+                     settings.confirm_steps)
+    return self.reading(np.concatenate([kept, more], axis=1), settings.confirm_steps, settings.confirm_max_drop)
 
 
 def shapes_probe(judge, concepts: Sequence[str], settings: ml_collections.ConfigDict):
