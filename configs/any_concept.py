@@ -42,13 +42,10 @@ def get_config():
   # the retain loss was repairing red, which the erasure, going on at full rate after the concept was gone, had
   # broken (100 → 0 % → 96 %); square stopped with triangle 3 points down.
   config.probe.confirm_seeds = 48
-  # The confirmation reads the model as the final measurement does (its 50 DDIM steps, 64 seeds of its own) and asks
-  # for a third of the criterion, 1 point: a 64-seed reading of a few % lost is ±1.1 points (256 images), so a model
-  # confirmed at ≤ 1 point measures under 3 on other seeds with margin. At 25 steps and 2.5 points two stops missed:
-  # yellow-0 read 1.2 points (2.0 at 50 steps) and measured 5.5 (12 of 64 "a red triangle" colourless), blue-1
-  # read 1.0 (1.6 at 50) and measured 3.1.
-  config.probe.confirm_steps = config.evaluate.get_ref('steps') * 1  # derived: setting it leaves evaluate.steps alone
-  config.probe.confirm_max_drop = 0.01
+  # A stricter confirmation, as the final measurement reads (--config.probe.confirm_steps=50, confirm_max_drop=0.01),
+  # did not save the two runs this one missed (yellow-0, blue-1): both trained on to 325–375 iterations, 3–4 × the
+  # time, and measured 3.1 points lost, models that lose 2.3 on average over three sets of 64 seeds (README "Erasing
+  # any concept").
   # Settled from the first reading with the concept gone. Each alone was not enough on yellow (seed 2), whose
   # erasure takes red with it: a fifth of the rate slowed the collapse of red but did not stop it (−19 → −100
   # points over 100 iterations), 5 × λ at full rate let it swing between −5 and −48 points for 250 iterations
