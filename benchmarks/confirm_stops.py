@@ -56,7 +56,7 @@ def main():
                if e.get('event') == 'probe' and e['seeds'] > settings.seeds and e['step'] < best['step']]
     probe.concepts = [run.name.rsplit('-', 1)[0]]
     trained = weights_overlay(pipe, load_file(run / 'probe' / 'best.safetensors'))
-    reading = probe.confirmed(trained, probe.draw(trained, 0, settings.seeds, settings.steps))
+    reading = probe.confirmed(trained)
     confirmed.append(reading.met)
     print(f'| {run.name} | {best["step"]} | {pct(best)} ({best["seeds"]} seeds) | '
           + ('; '.join(f'{e["step"]}: {pct(e)}' for e in earlier) or 'none')

@@ -95,14 +95,15 @@ class ShapesProbe:
     first = self.reading(images, settings.steps, settings.max_drop)
     return self.confirmed(trained, images) if first.met and settings.confirm_seeds else first
 
-  def confirmed(self, trained: dict[str, jax.Array], images: np.ndarray) -> Reading:
-    """The reading of the probe's seeds and confirm_seeds more, pooled, at confirm_steps (`images`, the probe's
-    seeds at its own steps, reused when those are the same)."""
+  def confirmed(self, trained: dict[str, jax.Array], images: np.ndarray | None = None) -> Reading:
+    """The reading of the probe's seeds and confirm_seeds more, pooled, at confirm_steps. `images`, the probe's
+    seeds already drawn at its own steps, are reused when those are the confirmation's."""
     settings = self.settings
-    kept = images if settings.confirm_steps == settings.steps else images[:, :0]
-    more = self.draw(trained, kept.shape[1], settings.seeds + settings.confirm_seeds - kept.shape[1],
-                     settings.confirm_steps)
-    return self.reading(np.concatenate([kept, more], axis=1), settings.confirm_steps, settings.confirm_max_drop)
+    reuse = images is not None and settings.confirm_steps == settings.steps
+    first = images.shape[1] if reuse else 0
+    more = self.draw(trained, first, settings.seeds + settings.confirm_seeds - first, settings.confirm_steps)
+    pooled = np.concatenate([images, more], axis=1) if reuse else more
+    return self.reading(pooled, settings.confirm_steps, settings.confirm_max_drop)
 
 
 def shapes_probe(judge, concepts: Sequence[str], settings: ml_collections.ConfigDict):
